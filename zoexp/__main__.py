@@ -1,0 +1,3 @@
+from zoexp.cli import main
+
+main()

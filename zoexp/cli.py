@@ -1,0 +1,106 @@
+"""`zoexp` command line: compose the Hydra config, call ``zoexp.runner.run``, print a summary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from zoexp.paths import conf_dir, tasks_dir
+
+log = logging.getLogger("zoexp")
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from zoexp.models import ModelLoadError
+    from zoexp.tasks import DataError
+
+    return (ModelLoadError, DataError)
+
+
+def register_tasks() -> None:
+    """Task specs live in tasks/*.yaml (data, shipped with the package); expose them as the `task` group."""
+    store = ConfigStore.instance()
+    for path in sorted(tasks_dir().glob("*.yaml")):
+        store.store(group="task", name=path.stem, node=OmegaConf.load(path), provider="zoexp")
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(row: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{row['method']} · {row['model']} · {row['task']} (seed {row['seed']})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in row.items():
+        if key.startswith("test/") and key != "test/n":
+            table.add_row(f"test {key[5:]}", f"{value:.4f} (n={row.get('test/n')})")
+    for key, value in row.items():
+        if key.startswith("dev/") and value is not None:
+            table.add_row(f"best dev {key[4:]}", f"{value:.4f} (step {row.get('best_step')})")
+    if row.get("steps"):
+        table.add_row("steps", f"{row['steps']} ({row.get('train/time_per_step_s', 0):.2f} s/step, "
+                               f"final loss {row.get('train/final_loss') or float('nan'):.4f})")
+    table.add_row("wall-clock", " · ".join(
+        f"{k[5:-2]} {row[k]:.1f} s" for k in ("time/load_s", "time/train_s", "time/eval_s", "time/total_s") if k in row))
+    table.add_row("peak host RSS", " · ".join(
+        f"{k[4:].split('_rss')[0]} {_fmt_bytes(row[k])}" for k in row if k.endswith("_rss_peak_bytes")))
+    gpu = [k for k in row if "_gpu_allocated_peak_bytes" in k]
+    if gpu:
+        table.add_row("peak GPU allocated", " · ".join(f"{k[4:].split('_gpu')[0]} {_fmt_bytes(row[k])}" for k in gpu))
+    table.add_row("optimizer state", _fmt_bytes(row.get("optimizer_state_bytes")))
+    table.add_row("status", row["status"] + (f": {row['message']}" if row.get("message") else ""))
+    table.add_row("row", f"{row.get('results_file', '')}")
+    Console().print(table)
+
+
+register_tasks()
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def _main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from zoexp.runner import run
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    logging.getLogger("zoexp").setLevel(logging.INFO)
+    try:
+        row = run(cfg, run_dir=hydra_cfg.runtime.output_dir)
+    except _user_errors() as exc:
+        log.error("%s", exc)
+        if multirun:
+            return None
+        sys.exit(2)
+    except Exception:
+        if multirun:  # the row says `failed`; the rest of the sweep goes on
+            log.exception("run failed (row written with status=failed); continuing the sweep")
+            return None
+        raise
+    row["results_file"] = cfg.run.results_file
+    print_summary(row)
+    return row.get(f"test/{cfg.task.get('metric', 'acc')}")
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

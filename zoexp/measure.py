@@ -1,0 +1,114 @@
+"""Wall-clock and peak memory per phase (load, train, eval, ...).
+
+Host memory: the peak resident set size of the process, reset at each phase start by writing 5 to
+/proc/self/clear_refs (Linux), so the training peak is not the loading peak; where that is not
+possible a sampling thread (every 5 ms) measures the phase's peak instead. Accelerator memory: torch's
+peak allocated / reserved bytes, reset at each phase start.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+def current_rss() -> int:
+    return _status_field("VmRSS")
+
+
+def _status_field(name: str) -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        if name == "VmHWM":
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:  # pragma: no cover - non-POSIX
+        pass
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Sampler(threading.Thread):
+    def __init__(self, period: float = 0.005):
+        super().__init__(daemon=True)
+        self.period, self.peak, self._stop_event = period, current_rss(), threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period):
+            self.peak = max(self.peak, current_rss())
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, current_rss())
+
+
+class Meter:
+    """Collects per-phase measurements into a flat dict: time/<phase>_s, mem/<phase>_rss_peak_bytes, ..."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.values: dict[str, float | int] = {}
+
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_available()
+
+    @contextmanager
+    def phase(self, name: str):
+        sampler = None
+        if not _reset_hwm():
+            sampler = _Sampler()
+            sampler.start()
+        if self._cuda():
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield self
+        finally:
+            if self._cuda():
+                torch.cuda.synchronize(self.device)
+            elapsed = time.perf_counter() - start
+            self.values[f"time/{name}_s"] = self.values.get(f"time/{name}_s", 0.0) + elapsed
+            peak = sampler.stop() if sampler else _status_field("VmHWM")
+            key = f"mem/{name}_rss_peak_bytes"
+            self.values[key] = max(self.values.get(key, 0), peak)
+            if self._cuda():
+                for kind, fn in (("allocated", torch.cuda.max_memory_allocated),
+                                 ("reserved", torch.cuda.max_memory_reserved)):
+                    k = f"mem/{name}_gpu_{kind}_peak_bytes"
+                    self.values[k] = max(self.values.get(k, 0), int(fn(self.device)))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"cpu: {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    import platform
+
+    return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"

@@ -1,0 +1,115 @@
+"""What every zoexp method shares.
+
+A method is a ``torch.optim.Optimizer`` whose param groups are blocks (see ``zoexp.models.param_groups``:
+each group has ``role`` in {embed, block, norm, head, other}, ``name`` and ``block``). ``step(closure)``
+receives a closure that runs one forward pass on the current batch and returns the scalar loss, without
+backward. Every method states how many forward passes a step costs and exactly how many bytes of state
+it holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.optim import Optimizer
+
+from zoexp.methods.noise import NoiseSource, mix
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable in nested dicts/lists/tuples (each storage counted once)."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(o) -> int:
+        if isinstance(o, torch.Tensor):
+            key = (o.untyped_storage().data_ptr(), o.untyped_storage().nbytes())
+            if key in seen:
+                return 0
+            seen.add(key)
+            return o.untyped_storage().nbytes()
+        if isinstance(o, dict):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, list | tuple):
+            return sum(walk(v) for v in o)
+        return 0
+
+    return walk(obj)
+
+
+def decays(p: torch.Tensor) -> bool:
+    """Weight decay applies to matrices only, never to biases or norm scales (as in MeZO)."""
+    return p.ndim >= 2
+
+
+class Method(Optimizer):
+    """Base class: bookkeeping every method shares (state bytes, forward-pass count, step counter)."""
+
+    #: forward passes one ``step`` costs (the physical floor of a ZO step)
+    forward_passes_per_step: int = 1
+    #: whether the runner should put the model in train mode (dropout) during steps
+    train_mode: bool = False
+
+    def state_bytes(self) -> int:
+        """Exact bytes of the tensors this method holds between steps."""
+        return tensor_bytes(dict(self.state))
+
+    def metrics(self) -> dict:
+        """Per-step scalars the runner may log (projected gradient, active blocks, ...)."""
+        return {}
+
+
+class ZOMethod(Method):
+    """Shared machinery of zeroth-order methods: step seeds and regenerable Gaussian directions.
+
+    The seed of step t is ``mix(seed, t)``; z of parameter ``key`` is regenerated from it (see
+    ``zoexp.methods.noise``). Keys are the parameters' positions across all param groups, fixed at
+    construction, so a subset of parameters sees the same z as it would inside the full set.
+    """
+
+    def __init__(self, params, defaults: dict, seed: int = 0, noise_threads: int = 1, chunk: int | None = None):
+        super().__init__(params, defaults)
+        self.seed = int(seed)
+        self.steps_done = 0
+        self.noise = NoiseSource(threads=noise_threads, **({"chunk": chunk} if chunk else {}))
+        self._keys = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._keys.setdefault(p, len(self._keys))
+        self._last: dict = {}
+
+    def key(self, p: torch.Tensor) -> int:
+        return self._keys[p]
+
+    def step_seed(self, t: int | None = None) -> int:
+        return mix(self.seed, self.steps_done if t is None else t)
+
+    def items(self, groups: Iterable[dict] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        for group in self.param_groups if groups is None else groups:
+            for p in group["params"]:
+                yield self._keys[p], p
+
+    def metrics(self) -> dict:
+        return dict(self._last)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        super().load_state_dict(state_dict)
+        if zo is not None:
+            self.seed, self.steps_done = int(zo["seed"]), int(zo["steps_done"])
+
+
+def loss_value(loss) -> float:
+    value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
+    return value
+
+
+def finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)

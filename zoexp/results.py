@@ -1,0 +1,97 @@
+"""Result rows: one JSON object per finished (or failed) run, appended atomically to a JSON-lines file.
+
+A row is written with a single ``write`` on a file opened for appending, under an exclusive lock, then
+flushed to disk: concurrent runs of a sweep never interleave, and a killed run never leaves half a
+row. Readers skip (and report) any line that does not parse, so nothing already written is lost.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _clean(value):
+    """JSON-safe values: non-finite floats become None, tensors and paths become numbers/strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return _clean(value.item())
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    return str(value)
+
+
+def append_row(path: str | os.PathLike, row: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(_clean(row), sort_keys=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not a complete row (skipped)", path, number)
+    return rows
+
+
+def git_commit() -> str | None:
+    """Commit of the source checkout zoexp runs from (None for an installed wheel outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("zoexp", "torch", "transformers", "hydra-core", "datasets", "peft", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
