@@ -124,11 +124,7 @@ def converted_gguf_dir(gguf: Path, with_weights: bool = True) -> Path:
             tokenizer.save_pretrained(tmp)
             if with_weights:
                 model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-                # The dequantised weights are plain fp32 now; drop the GGUF marker so reloading the
-                # folder does not look for the GGUF file again.
-                if hasattr(model.config, "quantization_config"):
-                    del model.config.quantization_config
-                model.save_pretrained(tmp, safe_serialization=True)
+                _save_plain(model, tmp)
             (tmp / "done").write_text(str(gguf))
             if target.exists():
                 shutil.rmtree(target)
@@ -137,6 +133,30 @@ def converted_gguf_dir(gguf: Path, with_weights: bool = True) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _save_plain(model, folder: Path) -> None:
+    """Write dequantised weights as one safetensors file plus config (tied tensors stored once).
+
+    ``save_pretrained`` refuses models loaded from GGUF, although their weights are plain fp32 after
+    dequantisation; the GGUF marker is dropped from the config so the folder loads as a normal checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 # --------------------------------------------------------------------------- tokenizer

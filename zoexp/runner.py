@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from zoexp.checkpoint import load_into, save_tensors
 from zoexp.evaluation import evaluate
 from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, build_method
@@ -110,26 +111,18 @@ class BestWeights:
         if self.mode == "memory":
             self._memory = {n: p.detach().clone() for n, p in self.params.items()}
         elif self.mode == "disk":
-            from safetensors.torch import save_file
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            save_file({n: p.detach().contiguous().cpu() for n, p in self.params.items()}, str(tmp))
-            tmp.replace(self.path)
+            save_tensors(self.path, self.params)
         self.saved = self.mode != "none"
 
     @torch.no_grad()
     def restore(self) -> None:
         if not self.saved:
             return
-        if self.mode == "memory":
-            state = self._memory
-        else:
-            from safetensors.torch import load_file
-
-            state = load_file(str(self.path))
+        if self.mode == "disk":
+            load_into(self.path, self.params)
+            return
         for n, p in self.params.items():
-            p.copy_(state[n].to(p.device, p.dtype))
+            p.copy_(self._memory[n])
 
     def cleanup(self, keep: bool) -> None:
         if self.mode == "disk" and self.path.exists() and not keep:

@@ -68,7 +68,7 @@ class ZOMethod(Method):
     construction, so a subset of parameters sees the same z as it would inside the full set.
     """
 
-    def __init__(self, params, defaults: dict, seed: int = 0, noise_threads: int = 1, chunk: int | None = None):
+    def __init__(self, params, defaults: dict, seed: int = 0, noise_threads: int | None = None, chunk: int | None = None):
         super().__init__(params, defaults)
         self.seed = int(seed)
         self.steps_done = 0

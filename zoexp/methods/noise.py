@@ -65,9 +65,10 @@ class NoiseSource:
     ``threads x chunk`` elements whatever the model size.
     """
 
-    def __init__(self, chunk: int = CHUNK, threads: int = 1):
+    def __init__(self, chunk: int = CHUNK, threads: int | None = None):
         self.chunk = int(chunk)
-        self.threads = max(1, int(threads))
+        # None: as many workers as torch's intra-op threads (CPU tensors only; CUDA work is already async)
+        self.threads = max(1, int(threads if threads is not None else torch.get_num_threads()))
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -90,8 +91,9 @@ class NoiseSource:
         gen, buf = self._scratch(p.device, p.dtype)
         gen.manual_seed(mix(seed, key, c))
         z = buf[: b - a]
-        z.normal_(generator=gen)
-        fn(p.view(-1)[a:b], z, key, a, b)
+        with torch.no_grad():  # grad mode is thread-local: worker threads start with grad enabled
+            z.normal_(generator=gen)
+            fn(p.view(-1)[a:b], z, key, a, b)
 
     def visit(self, items: Iterable[tuple[int, torch.Tensor]], seed: int, fn: ChunkFn) -> None:
         """Call ``fn`` for every chunk of every (key, tensor) in ``items``; tensors must be contiguous."""
@@ -101,7 +103,7 @@ class NoiseSource:
                 raise ValueError("ZO methods need contiguous parameters")
             for c, (a, b) in enumerate(chunk_slices(p.numel(), self.chunk)):
                 jobs.append((p, key, c, a, b))
-        if self.threads == 1 or len(jobs) < 2:
+        if self.threads == 1 or len(jobs) < 2 or any(job[0].device.type != "cpu" for job in jobs):
             for p, key, c, a, b in jobs:
                 self._run_chunk(fn, p, key, seed, c, a, b)
             return
