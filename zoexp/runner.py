@@ -231,12 +231,17 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True))
 
+    bar = _progress(progress_on)  # one live display for the whole run: training and eval bars
+
     def run_eval(examples, split: str) -> dict:
-        with meter.phase("eval"), _progress(progress_on) as bar:
-            job = bar.add_task(f"{split} eval", total=len(examples), info="")
-            return evaluate(model, encoder, task, examples, batch_size=eval_bs,
-                            progress=lambda n: bar.advance(job, n),
-                            max_new_tokens=int(cfg.run.get("max_new_tokens", 50)))
+        job = bar.add_task(f"{split} eval", total=len(examples), info="")
+        try:
+            with meter.phase("eval"):
+                return evaluate(model, encoder, task, examples, batch_size=eval_bs,
+                                progress=lambda n: bar.advance(job, n),
+                                max_new_tokens=int(cfg.run.get("max_new_tokens", 50)))
+        finally:
+            bar.remove_task(job)
 
     metric = task.metric
     best = {"value": -math.inf, "step": None, "metrics": None}
@@ -262,10 +267,10 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                 best.update(value=result[metric], step=step, metrics=result)
                 keeper.save()
 
-        if cfg.run.get("eval_at_start", False) and data.dev:
-            dev_eval(0)
-        model.train(optimizer.train_mode)
-        with _progress(progress_on) as bar:
+        with bar:
+            if cfg.run.get("eval_at_start", False) and data.dev:
+                dev_eval(0)
+            model.train(optimizer.train_mode)
             job = bar.add_task(f"{cfg.method.name} train", total=steps, info="")
             step = 0
             while step < steps:
@@ -312,7 +317,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     else:
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0})
 
-    result = run_eval(data.test, "test")
+    with bar:
+        result = run_eval(data.test, "test")
     for key, value in result.items():
         row[f"test/{key}" if key != "n" else "test/n"] = value
     row["eval/truncated_examples"] = encoder.truncated
