@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -17,9 +18,16 @@ log = logging.getLogger("zoexp")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from zoexp.models import ModelLoadError
+    from zoexp.resume import ResumeError
     from zoexp.tasks import DataError
 
-    return (ModelLoadError, DataError)
+    return (ModelLoadError, DataError, ResumeError)
+
+
+def register_resolvers() -> None:
+    """``${zoexp.either:A,B}``: A unless it is null, else B (the run directory: run.name or a timestamp)."""
+    if not OmegaConf.has_resolver("zoexp.either"):
+        OmegaConf.register_new_resolver("zoexp.either", lambda a, b: b if a is None else a)
 
 
 def register_tasks() -> None:
@@ -69,6 +77,7 @@ def print_summary(row: dict) -> None:
 
 
 register_tasks()
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
@@ -76,6 +85,7 @@ def _main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from zoexp.resume import Preempted
     from zoexp.runner import run
 
     hydra_cfg = HydraConfig.get()
@@ -88,17 +98,33 @@ def _main(cfg: DictConfig):
         if multirun:
             return None
         sys.exit(2)
+    except Preempted as exc:  # checkpoint and `preempted` row written; stop (a sweep too: the machine is going)
+        print(f"zoexp: preempted: {exc}", file=sys.stderr)
+        sys.exit(128 + int(exc.signum or 15))
     except Exception:
         if multirun:  # the row says `failed`; the rest of the sweep goes on
             log.exception("run failed (row written with status=failed); continuing the sweep")
             return None
         raise
     row["results_file"] = cfg.run.results_file
-    print_summary(row)
+    if not row.get("dist/rank"):  # rank 0 (or a single process) prints
+        print_summary(row)
     return row.get(f"test/{cfg.task.get('metric', 'acc')}")
 
 
+def _quiet_other_ranks() -> None:
+    """Under torchrun, ranks other than 0 write no Hydra output directory of their own (they use rank 0's,
+    see zoexp.distributed) and log to stdout only."""
+    if int(os.environ.get("RANK", "0")) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args = sys.argv[1:]
+        extra = ["hydra.output_subdir=null"]
+        if not any(a.startswith("hydra/job_logging=") for a in args):
+            extra.append("hydra/job_logging=stdout")
+        sys.argv += [a for a in extra if a not in args]
+
+
 def main() -> None:
+    _quiet_other_ranks()
     _main()
 
 

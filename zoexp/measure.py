@@ -67,10 +67,13 @@ class Meter:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.devices = [self.device]  # all the devices a device-mapped model spans (set by the runner)
         self.values: dict[str, float | int] = {}
 
-    def _cuda(self) -> bool:
-        return self.device.type == "cuda" and torch.cuda.is_available()
+    def _cuda(self) -> list[torch.device]:
+        if not torch.cuda.is_available():
+            return []
+        return [d for d in self.devices if d.type == "cuda"]
 
     @contextmanager
     def phase(self, name: str):
@@ -78,25 +81,32 @@ class Meter:
         if not _reset_hwm():
             sampler = _Sampler()
             sampler.start()
-        if self._cuda():
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        for d in self._cuda():
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
         start = time.perf_counter()
         try:
             yield self
         finally:
-            if self._cuda():
-                torch.cuda.synchronize(self.device)
+            for d in self._cuda():
+                torch.cuda.synchronize(d)
             elapsed = time.perf_counter() - start
             self.values[f"time/{name}_s"] = self.values.get(f"time/{name}_s", 0.0) + elapsed
             peak = sampler.stop() if sampler else _status_field("VmHWM")
             key = f"mem/{name}_rss_peak_bytes"
             self.values[key] = max(self.values.get(key, 0), peak)
-            if self._cuda():
-                for kind, fn in (("allocated", torch.cuda.max_memory_allocated),
-                                 ("reserved", torch.cuda.max_memory_reserved)):
-                    k = f"mem/{name}_gpu_{kind}_peak_bytes"
-                    self.values[k] = max(self.values.get(k, 0), int(fn(self.device)))
+            cuda = self._cuda()
+            for kind, fn in (("allocated", torch.cuda.max_memory_allocated),
+                             ("reserved", torch.cuda.max_memory_reserved)):
+                if not cuda:
+                    break
+                # several devices (device map): the key is their total, the per-device peaks come beside it
+                peaks = [int(fn(d)) for d in cuda]
+                k = f"mem/{name}_gpu_{kind}_peak_bytes"
+                self.values[k] = max(self.values.get(k, 0), sum(peaks))
+                if len(cuda) > 1:
+                    old = self.values.get(k + "_per_device", [0] * len(peaks))
+                    self.values[k + "_per_device"] = [max(a, b) for a, b in zip(old, peaks)]
 
 
 def device_name(device: torch.device) -> str:

@@ -223,11 +223,12 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
         raise ModelLoadError(f"model.path={cfg.path} is not a directory (model.source=local)")
     tokenizer = load_tokenizer(cfg)
     attn = cfg.get("attn_implementation", "sdpa")
+    placement = _placement(cfg)  # [scale-out] accelerate device map (model.device_map, model.max_memory)
     if source == "config":
         model = _build_from_config(cfg, vocab_size=len(tokenizer))
     elif source == "gguf":
         folder = converted_gguf_dir(_gguf_path(cfg), with_weights=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn, **placement)
     elif source in ("hub", "local"):
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -237,6 +238,7 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
                 trust_remote_code=bool(cfg.get("trust_remote_code", False)),
                 attn_implementation=attn,
                 use_safetensors=cfg.get("use_safetensors"),
+                **placement,
             )
         except OSError as exc:
             raise ModelLoadError(
@@ -246,12 +248,85 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
             ) from exc
     else:
         raise ModelLoadError(f"unknown model.source={source!r}; choose hub, local, gguf or config")
-    model.to(device=device, dtype=dtype)
+    if not placement:
+        model.to(device=device, dtype=dtype)
+    elif source == "config":
+        model = dispatch(model.to(dtype=dtype), placement["device_map"], placement.get("max_memory"))
+    if placement:
+        _check_resident(model)
     model.eval()
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------- sharding (device maps)
+
+
+def _placement(cfg: Any) -> dict:
+    """from_pretrained keyword arguments for ``model.device_map`` / ``model.max_memory`` ({} if unset).
+
+    ``device_map``: ``auto`` / ``balanced`` / ``sequential`` (accelerate fills the devices in
+    ``max_memory``) or an explicit {module name: device} map. ``max_memory``: {GPU index or "cpu": size},
+    e.g. ``{0: 20GiB, 1: 20GiB}``.
+    """
+    from omegaconf import OmegaConf
+
+    device_map = cfg.get("device_map")
+    if device_map is None:
+        return {}
+    if OmegaConf.is_config(device_map):
+        device_map = OmegaConf.to_container(device_map, resolve=True)
+    out: dict = {"device_map": device_map}
+    max_memory = cfg.get("max_memory")
+    if max_memory is not None:
+        if OmegaConf.is_config(max_memory):
+            max_memory = OmegaConf.to_container(max_memory, resolve=True)
+        out["max_memory"] = {int(k) if str(k).isdigit() else str(k): v for k, v in max_memory.items()}
+    return out
+
+
+def infer_device_map(model: nn.Module, device_map, max_memory: dict | None = None) -> dict:
+    """An explicit {module: device} map: ``device_map`` itself if it is one, else accelerate's
+    ``infer_auto_device_map`` under ``max_memory`` (whole transformer layers are never split)."""
+    if isinstance(device_map, dict):
+        return device_map
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    if device_map in ("balanced", "balanced_low_0"):
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+    elif device_map not in ("auto", "sequential"):
+        raise ValueError(f"model.device_map={device_map!r}: use auto, balanced, balanced_low_0, sequential or a map")
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+
+
+def dispatch(model: nn.Module, device_map, max_memory: dict | None = None) -> nn.Module:
+    """Place an already built model's modules on devices with accelerate (hooks move activations)."""
+    from accelerate import dispatch_model
+
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return dispatch_model(model, device_map=infer_device_map(model, device_map, max_memory))
+
+
+def _check_resident(model: nn.Module) -> None:
+    """ZO methods update weights in place on their devices: offloaded (meta) parameters cannot be."""
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ModelLoadError(
+            f"the device map offloads {len(offloaded)} parameters (e.g. {offloaded[0]}) to cpu/disk as "
+            "meta tensors; in-place training needs them resident. Give model.max_memory room for the whole "
+            "model across the devices (the CPU counts as one when no GPU is used), or use a method with "
+            "its own offloading.")
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The devices holding the model's parameters (several for a device-mapped model)."""
+    return sorted({p.device for p in model.parameters()}, key=str)
 
 
 # --------------------------------------------------------------------------- block view

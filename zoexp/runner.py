@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +18,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from zoexp.checkpoint import load_into, save_tensors
+from zoexp import distributed, resume
+from zoexp.checkpoint import file_crc32, load_into, save_tensors
 from zoexp.evaluation import evaluate
 from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, build_method
-from zoexp.models import count_params, load_model, resolve_device, resolve_dtype
+from zoexp.models import count_params, load_model, model_devices, resolve_device, resolve_dtype
 from zoexp.results import append_row, git_commit, versions
+from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
 from zoexp.scoring import Encoder, lm_loss
 from zoexp.tasks import Example, Task
 
@@ -93,8 +97,8 @@ class BestWeights:
     """Keeps the weights with the best dev metric: on disk (safetensors in the run directory), in memory
     (a copy), or not at all (test uses the final weights)."""
 
-    def __init__(self, model, mode: str, run_dir: Path):
-        self.mode, self.path = mode, run_dir / "best.safetensors"
+    def __init__(self, model, mode: str, run_dir: Path, name: str = "best.safetensors"):
+        self.mode, self.path = mode, run_dir / name
         self._memory: dict[str, torch.Tensor] | None = None
         self.saved = False
         named = {}
@@ -127,6 +131,34 @@ class BestWeights:
     def cleanup(self, keep: bool) -> None:
         if self.mode == "disk" and self.path.exists() and not keep:
             self.path.unlink()
+
+    # [scale-out] checkpoints carry the best weights so far (zoexp.resume)
+    def export_to(self, path: Path) -> int | None:
+        """Put the best weights into ``path`` (a hard link of the disk copy when possible); CRC-32 or None."""
+        if not self.saved:
+            return None
+        if self.mode == "memory":
+            return save_tensors(path, self._memory)
+        try:
+            os.link(self.path, path)  # save() replaces the file (new inode), so the link keeps this version
+        except OSError:
+            shutil.copyfile(self.path, path)
+        return file_crc32(path)
+
+    def import_from(self, path: Path) -> None:
+        self.saved = path.is_file() and self.mode != "none"
+        if not self.saved:
+            return
+        if self.mode == "memory":
+            self._memory = resume.load_best(path)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, self.path)
 
 
 def _progress(enabled: bool):
@@ -178,40 +210,81 @@ def base_row(cfg: DictConfig, run_dir: Path) -> dict:
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run one experiment described by a composed config and return its result row (also appended to
-    ``cfg.run.results_file``). A failure writes a row with status ``failed`` and re-raises."""
+    ``cfg.run.results_file``). A failure writes a row with status ``failed`` and re-raises; a
+    preemption signal saves a checkpoint, writes a ``preempted`` row and raises ``Preempted``."""
     run_dir = Path(run_dir or cfg.run.get("dir") or ".")
+    # [scale-out] data parallel when launched by torchrun (zoexp.distributed); continue a checkpoint of
+    # this run directory if there is one, or return the row of a run that already finished (zoexp.resume)
+    dist = distributed.setup(cfg, resolve_device(cfg.run.device))
+    try:
+        plan = resume.plan(cfg, dist.shared_run_dir(run_dir), dist)
+        if plan.finished is not None:
+            log.info("%s already finished (status %s); nothing to do", plan.run_dir, plan.finished["status"])
+            return plan.finished
+        return _run_and_record(cfg, plan, dist)
+    finally:
+        dist.close()
+
+
+def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist) -> dict:
+    run_dir = plan.run_dir
     row = base_row(cfg, run_dir)
-    device = resolve_device(cfg.run.device)
+    device = dist.device
     meter = Meter(device)
     row["device"] = device_name(device)
+    guard = PreemptionGuard()
+    dist.local_stop = lambda: guard.requested
     t_start = time.perf_counter()
     try:
-        _run(cfg, run_dir, device, meter, row)
+        with guard:
+            _run(cfg, run_dir, device, meter, row, dist, plan, guard)
         row["status"] = "ok"
     except Diverged as exc:
         row.update(status="diverged", message=str(exc), diverged_step=exc.step)
         log.error("run diverged: %s", exc)
+    except Preempted as exc:
+        row.update(status="preempted", preempted_step=exc.step,
+                   checkpoint=str(exc.checkpoint) if exc.checkpoint else None,
+                   message=f"{exc}; continue with run.resume=auto (same run.name) or run.resume={run_dir}")
+        log.warning("preempted: %s", row["message"])
+        _finish(cfg, row, meter, t_start, dist, collective=exc.step is not None)
+        guard.chain()  # e.g. submitit's requeue on SIGUSR2
+        raise
     except KeyboardInterrupt:
         row.update(status="interrupted", message="interrupted by the user (SIGINT)")
-        _finish(cfg, row, meter, t_start)
+        _finish(cfg, row, meter, t_start, dist, collective=False)
         raise
     except Exception as exc:
         row.update(status="failed", message=f"{type(exc).__name__}: {exc}")
-        _finish(cfg, row, meter, t_start)
+        _finish(cfg, row, meter, t_start, dist, collective=False)
         raise
-    _finish(cfg, row, meter, t_start)
+    _finish(cfg, row, meter, t_start, dist)
+    if dist.is_main:  # [scale-out] a finished run: its row beside it, checkpoints no longer needed
+        resume.write_result(run_dir, row)
+        if not cfg.run.get("keep_checkpoints", False):
+            shutil.rmtree(run_dir / resume.CHECKPOINTS, ignore_errors=True)
     return row
 
 
-def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float) -> None:
+def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist=None, collective: bool = True) -> None:
     row.update(meter.values)
     row["time/total_s"] = time.perf_counter() - t_start
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if cfg.run.get("results_file"):
+    dist = dist or distributed.Single(meter.device)
+    if collective:  # [scale-out] wall-clock and memory: the maximum over ranks
+        dist.reduce_measurements(row)
+    if dist.enabled:
+        row["dist/rank"] = dist.rank
+    # one row per run, from rank 0; a rank that fails on its own also says why
+    if cfg.run.get("results_file") and (dist.is_main or row["status"] == "failed"):
         append_row(cfg.run.results_file, row)
 
 
-def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row: dict) -> None:
+def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row: dict,
+         dist=None, plan: resume.Plan | None = None, guard: PreemptionGuard | None = None) -> None:
+    dist = dist or distributed.Single(device)
+    plan = plan or resume.Plan(run_dir)
+    guard = guard or PreemptionGuard()
     seed = int(cfg.run.seed)
     seed_everything(seed)
     task = Task.from_config(cfg.task)
@@ -224,24 +297,32 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     with meter.phase("load"):
         model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
     row["model_params"] = count_params(model)
+    devices = model_devices(model)  # [scale-out] several with model.device_map
+    if len(devices) > 1:
+        row["model_devices"] = [str(d) for d in devices]
+        meter.devices = devices
+    dist.check_replicas(model)
     max_length = int(cfg.run.get("max_length") or getattr(model.config, "max_position_embeddings", 2048))
     encoder = Encoder(tokenizer, max_length=max_length)
     pad_id = tokenizer.pad_token_id
     optimizer = build_method(cfg.method, model, seed=seed)
     eval_bs = int(cfg.run.eval_batch_size)
-    progress_on = bool(cfg.run.get("progress", True))
+    progress_on = bool(cfg.run.get("progress", True)) and dist.is_main
 
     bar = _progress(progress_on)  # one live display for the whole run: training and eval bars
 
     def run_eval(examples, split: str) -> dict:
-        job = bar.add_task(f"{split} eval", total=len(examples), info="")
-        try:
-            with meter.phase("eval"):
-                return evaluate(model, encoder, task, examples, batch_size=eval_bs,
-                                progress=lambda n: bar.advance(job, n),
-                                max_new_tokens=int(cfg.run.get("max_new_tokens", 50)))
-        finally:
-            bar.remove_task(job)
+        def score(shard) -> dict:
+            job = bar.add_task(f"{split} eval", total=len(shard), info="")
+            try:
+                with meter.phase("eval"):
+                    return evaluate(model, encoder, task, shard, batch_size=eval_bs,
+                                    progress=lambda n: bar.advance(job, n),
+                                    max_new_tokens=int(cfg.run.get("max_new_tokens", 50)))
+            finally:
+                bar.remove_task(job)
+
+        return dist.evaluate(score, examples)  # [scale-out] each rank scores its shard
 
     metric = task.metric
     best = {"value": -math.inf, "step": None, "metrics": None}
@@ -250,7 +331,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     if optimizer is not None:
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         row.update({"trainable_params": trainable, "forward_passes_per_step": optimizer.forward_passes_per_step})
-        keeper = BestWeights(model, str(cfg.run.keep_best), run_dir)
+        keeper = BestWeights(model, str(cfg.run.keep_best), run_dir, name=dist.best_file())
         scheduler = _scheduler(optimizer, str(cfg.run.lr_schedule), steps)
         sampler = BatchSampler(len(data.train), int(cfg.run.batch_size), seed)
         eval_every = int(cfg.run.eval_every) or steps
@@ -258,27 +339,65 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         max_state = optimizer.state_bytes()
         t_train = 0.0
         window: list[float] = []
+        step = 0
+        evaluated_at = None  # step of the last dev evaluation
+        dist.sync_gradients(optimizer)  # [scale-out] first-order parts all-reduce their gradients
+        ckpt = Checkpointer(run_dir, cfg, dist)
 
         def dev_eval(step: int) -> None:
+            nonlocal evaluated_at
             result = run_eval(data.dev, "dev")
             counters.dev_curve.append({"step": step, metric: result[metric], "train_time_s": t_train})
             log.info("step %d dev %s = %.4f", step, metric, result[metric])
             if result[metric] > best["value"]:
                 best.update(value=result[metric], step=step, metrics=result)
                 keeper.save()
+            evaluated_at = step
 
-        with bar:
-            if cfg.run.get("eval_at_start", False) and data.dev:
+        def checkpoint() -> Path:
+            """[scale-out] Everything the loop needs to continue the identical trajectory (zoexp.resume)."""
+            state = {"step": step, "sampler": sampler.state_dict(), "counters": vars(counters),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "window": window, "t_train": t_train, "best": best, "max_state": max_state,
+                     "evaluated_at": evaluated_at}
+            with meter.phase("checkpoint"):
+                return ckpt.save(step, model, optimizer, state, keeper)
+
+        def restore(path: Path) -> tuple:
+            """[scale-out] The loop's state from checkpoint ``path``; a dev eval the stopped run owed runs now."""
+            state = ckpt.restore(path, model, optimizer, keeper)
+            sampler.load_state_dict(state["sampler"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            for key, value in state["counters"].items():
+                setattr(counters, key, value)
+            best.update(state["best"])
+            at = state["step"]
+            row.update(resumed_from_step=at, resumed_from=str(path))
+            log.info("resumed from %s (step %d)", path, at)
+            if data.dev and at and (at % eval_every == 0 or at == steps) and state["evaluated_at"] != at:
+                dev_eval(at)
+                state["evaluated_at"] = at
+            return at, state["window"], state["t_train"], state["max_state"], state["evaluated_at"]
+
+        with bar, guard.armed():
+            if plan.checkpoint is not None:  # [scale-out] continue where the checkpoint left off
+                step, window, t_train, max_state, evaluated_at = restore(plan.checkpoint)
+            elif cfg.run.get("eval_at_start", False) and data.dev:
                 dev_eval(0)
+            start_step = step
             model.train(optimizer.train_mode)
-            job = bar.add_task(f"{cfg.method.name} train", total=steps, info="")
-            step = 0
+            job = bar.add_task(f"{cfg.method.name} train", total=steps, completed=step, info="")
             while step < steps:
-                segment_end = min(steps, (step // eval_every + 1) * eval_every)
+                # segments end at dev evaluations and checkpoints, which run outside the train phase
+                segment_end = min(steps, (step // eval_every + 1) * eval_every, ckpt.next_due(step, steps))
                 with meter.phase("train"):
-                    while step < segment_end:
+                    while step < segment_end and not dist.stop_requested():
                         batch = [data.train[i] for i in sampler.next()]
-                        closure = make_closure(model, encoder, batch, pad_id, counters)
+                        shard = dist.shard(batch)  # [scale-out] this rank's part of the global batch
+                        closure = make_closure(model, encoder, shard, pad_id, counters)
+                        closure = dist.wrap_closure(closure, distributed.loss_weight(encoder, shard),
+                                                    distributed.loss_weight(encoder, batch))
                         t0 = time.perf_counter()
                         loss = float(optimizer.step(closure))
                         t_train += time.perf_counter() - t0
@@ -294,11 +413,16 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                                                    "train_time_s": t_train, **optimizer.metrics()})
                             window.clear()
                         bar.update(job, advance=1, info=f"loss {loss:.4f}  {t_train / step:.2f} s/step")
-                if data.dev:
+                if dist.stop_requested():  # [scale-out] preemption: save now; a due dev eval runs after resuming
+                    raise Preempted(guard.signum, step, checkpoint())
+                if data.dev and (step % eval_every == 0 or step == steps) and evaluated_at != step:
                     model.eval()
                     dev_eval(step)
                     model.train(optimizer.train_mode)
+                if ckpt.due(step, steps):
+                    checkpoint()
         model.eval()
+        tokens = int(dist.sum(counters.tokens))  # [scale-out] all ranks' shards
         row.update({
             "steps": steps,
             "train/final_loss": counters.curve[-1]["loss"] if counters.curve else None,
@@ -306,18 +430,21 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             "optimizer_state_bytes": optimizer.state_bytes(),
             "optimizer_state_bytes_max": max_state,
             "forward_passes": counters.forward_passes,
-            "tokens": counters.tokens,
-            "tokens_per_s": counters.tokens / t_train if t_train else None,
+            "tokens": tokens,
+            "tokens_per_s": tokens / t_train if t_train else None,
             "curve": counters.curve,
             "dev_curve": counters.dev_curve,
             f"dev/{metric}": best["value"] if best["step"] is not None else None,
             "best_step": best["step"],
+            **dist.row_fields(step - start_step),
         })
+        if ckpt.saves:
+            row.update({"checkpoints_written": ckpt.saves, "checkpoint_bytes": ckpt.saved_bytes})
         keeper.restore()
     else:
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0})
 
-    with bar:
+    with bar, guard.armed():  # [scale-out] a signal now lets the test evaluation finish (the run is complete)
         result = run_eval(data.test, "test")
     for key, value in result.items():
         row[f"test/{key}" if key != "n" else "test/n"] = value

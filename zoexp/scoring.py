@@ -128,13 +128,15 @@ def read_logprobs(model, requests: Sequence[Request], pad_id: int, side: str = "
             rows.append(b)
             cols.append(pos + offset)
     head = model.get_output_embeddings()
-    logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
+    # indices on the tensors' own devices: with a device map, hidden states and logits may live on other
+    # devices than the input embeddings
+    logits = head(hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]).float()
     logprobs = F.log_softmax(logits, dim=-1)
     out, k = [], 0
     for r in requests:
         per = []
         for _, tokens in r.reads:
-            per.append(logprobs[k, torch.tensor(tokens, device=device)])
+            per.append(logprobs[k, torch.tensor(tokens, device=logprobs.device)])
             k += 1
         out.append(per)
     return out
