@@ -117,14 +117,14 @@ def test_continuing_any_checkpoint_gives_the_same_run(tmp_path, fixture_data_dir
     checkpoint mid-run (after a dev evaluation and a best-weights save) ends exactly as the full run."""
     monkeypatch.setenv("ZOEXP_DATA_DIR", str(fixture_data_dir))
     monkeypatch.syspath_prepend(str(TESTS))
-    steps = 8
+    steps = 6
     ref_dir = tmp_path / "results" / "runs" / "ref"
     args = [*TINY, *method_args(method, tmp_path), f"results_dir={tmp_path / 'results'}", f"run.steps={steps}",
-            "run.eval_every=3", "run.checkpoint_every=4", "run.keep_checkpoints=true", "run.name=ref"]
+            "run.eval_every=2", "run.checkpoint_every=3", "run.keep_checkpoints=true", "run.name=ref"]
     reference = run_inprocess(args, ref_dir)
     expected = final_weights(ref_dir, steps)
-    resumed = run_inprocess([*args, f"run.resume={ref_dir / 'checkpoints' / 'step-00000004'}"], ref_dir)
-    assert resumed["resumed_from_step"] == 4
+    resumed = run_inprocess([*args, f"run.resume={ref_dir / 'checkpoints' / 'step-00000003'}"], ref_dir)
+    assert resumed["resumed_from_step"] == 3 and reference["best_step"] is not None
     assert_same_run(reference, resumed)
     got = final_weights(ref_dir, steps)
     assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -308,6 +308,9 @@ def setup(cfg, device: torch.device) -> Single:
             raise ValueError("run.distributed=true needs several processes: launch with "
                              "torchrun --nproc_per_node=N -m zoexp ... (or a SLURM job with N tasks)")
         return Single(device)
+    if cfg.get("model") is not None and cfg.model.get("device_map") is not None:
+        raise ValueError("model.device_map shards one model over this process's devices; with several "
+                         "processes use one device per rank (drop model.device_map) or one process")
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
