@@ -94,6 +94,19 @@ def test_closure_value_and_gradient_are_the_global_ones(group):
     group.close()
 
 
+def test_dual_forward_of_offloaded_steps_is_reduced_too(group):
+    class Closure:  # the runner's closure of an offloaded run also offers dual(): (L+, L-) in one pass
+        def __call__(self):
+            return torch.tensor(1.0)
+
+        def dual(self, perturbation):
+            return torch.tensor(2.0), torch.tensor(4.0)
+
+    wrapped = group.wrap_closure(Closure(), local_weight=1, total_weight=4)
+    plus, minus = wrapped.dual(None)
+    assert (plus.item(), minus.item()) == (0.5, 1.0) and group.bytes["loss"] == 24
+
+
 def test_evaluation_shards_combine_exactly(group, monkeypatch):
     monkeypatch.setattr(group, "all_gather", lambda obj: [{"acc": 2 / 3, "n": 3}, {"acc": 1.0, "n": 1}])
     assert group.evaluate(lambda shard: {"acc": 0.0, "n": len(shard)}, list(range(4))) == {"acc": 0.75, "n": 4}

@@ -161,6 +161,19 @@ class DataParallel(Single):
                 return _GlobalLoss.apply(local, total, scale)
             return total
 
+        dual = getattr(closure, "dual", None)
+        if dual is not None:  # offloaded ZO steps: (L+, L-) from one pass, reduced together (zoexp.offload)
+            def global_dual(*args, **kwargs):
+                losses = dual(*args, **kwargs)
+                values = [v.detach().reshape(()).to(torch.float64) * float(local_weight) for v in losses]
+                stop = torch.tensor(float(bool(self.local_stop())), dtype=torch.float64)
+                buf = torch.stack([*(v.to(self.comm_device) for v in values), stop.to(self.comm_device)])
+                self._all_reduce(buf, "loss")
+                self._votes = int(buf[-1].item())
+                return tuple((buf[i] / float(total_weight)).to(device=v.device, dtype=v.dtype)
+                             for i, v in enumerate(losses))
+
+            global_loss.dual = global_dual
         return global_loss
 
     def sync_gradients(self, optimizer) -> None:
