@@ -22,6 +22,7 @@ from zoexp.resume import (
     Preempted,
     PreemptionGuard,
     ResumeError,
+    fingerprint,
     latest_valid,
     plan,
     run_identity,
@@ -197,9 +198,13 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
 def test_finished_run_is_returned_not_rerun(tmp_path):
     from omegaconf import OmegaConf
 
-    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "test/acc": 0.75}))
     cfg = OmegaConf.merge(_Cfg.make(), {"run": {"resume": "auto"}})
+    done = {"status": "ok", "test/acc": 0.75, "config_fingerprint": fingerprint(run_identity(cfg))}
+    (tmp_path / "result.json").write_text(json.dumps(done))
     assert plan(cfg, tmp_path, Single(torch.device("cpu"))).finished["test/acc"] == 0.75
+    # the finished run of another configuration in the same directory is not this run's result
+    other = OmegaConf.merge(cfg, {"method": {"lr": 0.5}})
+    assert plan(other, tmp_path, Single(torch.device("cpu"))).finished is None
 
 
 # --------------------------------------------------------------------------- signals

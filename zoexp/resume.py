@@ -349,10 +349,6 @@ class Checkpointer:
         self.dist.barrier()
         return trainer
 
-    def remove_all(self) -> None:
-        if self.dist.is_main and self.root.exists():
-            shutil.rmtree(self.root, ignore_errors=True)
-
 
 # --------------------------------------------------------------------------- where a run continues
 
@@ -400,8 +396,11 @@ def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
     result = run_dir / RESULT
     if mode != "never" and explicit is None and result.is_file():
         row = json.loads(result.read_text())
-        if row.get("status") in ("ok", "diverged"):
+        same = row.get("config_fingerprint") == fingerprint(run_identity(cfg))
+        if row.get("status") in ("ok", "diverged") and same:
             return Plan(run_dir, finished=row)
+        if not same:
+            log.warning("%s holds the result of another configuration; running this one afresh there", run_dir)
     if explicit is not None:
         verify(explicit)
         latest, skipped = explicit, []

@@ -212,23 +212,27 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run one experiment described by a composed config and return its result row (also appended to
     ``cfg.run.results_file``). A failure writes a row with status ``failed`` and re-raises; a
     preemption signal saves a checkpoint, writes a ``preempted`` row and raises ``Preempted``."""
-    run_dir = Path(run_dir or cfg.run.get("dir") or ".")
+    given = run_dir or cfg.run.get("dir")
+    run_dir = Path(given or ".")
     # [scale-out] data parallel when launched by torchrun (zoexp.distributed); continue a checkpoint of
-    # this run directory if there is one, or return the row of a run that already finished (zoexp.resume)
+    # the run directory if there is one, or return the row of a run that already finished there
+    # (zoexp.resume) -- only for a directory given explicitly (the CLI's, or run.dir), never the cwd
     dist = distributed.setup(cfg, resolve_device(cfg.run.device))
     try:
-        plan = resume.plan(cfg, dist.shared_run_dir(run_dir), dist)
+        run_dir = dist.shared_run_dir(run_dir)
+        plan = resume.plan(cfg, run_dir, dist) if given else resume.Plan(run_dir)
         if plan.finished is not None:
             log.info("%s already finished (status %s); nothing to do", plan.run_dir, plan.finished["status"])
             return plan.finished
-        return _run_and_record(cfg, plan, dist)
+        return _run_and_record(cfg, plan, dist, keep_result=bool(given))
     finally:
         dist.close()
 
 
-def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist) -> dict:
+def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist, keep_result: bool = True) -> dict:
     run_dir = plan.run_dir
     row = base_row(cfg, run_dir)
+    row["config_fingerprint"] = resume.fingerprint(resume.run_identity(cfg))  # [scale-out] what resume compares
     device = dist.device
     meter = Meter(device)
     row["device"] = device_name(device)
@@ -259,7 +263,7 @@ def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist) -> dict:
         _finish(cfg, row, meter, t_start, dist, collective=False)
         raise
     _finish(cfg, row, meter, t_start, dist)
-    if dist.is_main:  # [scale-out] a finished run: its row beside it, checkpoints no longer needed
+    if dist.is_main and keep_result:  # [scale-out] a finished run: its row beside it, checkpoints no longer needed
         resume.write_result(run_dir, row)
         if not cfg.run.get("keep_checkpoints", False):
             shutil.rmtree(run_dir / resume.CHECKPOINTS, ignore_errors=True)
