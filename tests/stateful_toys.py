@@ -19,6 +19,19 @@ class ToyAdam(Method):
 
     forward_passes_per_step = 1
 
+    @classmethod
+    def model_param_groups(cls, model, **kwargs):
+        """The transformer blocks and final norm; the (tied) embeddings are frozen, as a LoRA-like method
+        would (keeps the test cheap: no 49k-row embedding gradient and moments)."""
+        from zoexp.models import param_groups
+
+        groups = param_groups(model)
+        for group in groups:
+            if group["role"] in ("embed", "head"):
+                for p in group["params"]:
+                    p.requires_grad_(False)
+        return [g for g in groups if g["role"] not in ("embed", "head")]
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, seed: int = 0, **_ignored):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.history: list[float] = []
