@@ -62,6 +62,6 @@ def test_mezo_lowers_the_training_loss_in_100_steps(smollm2, sst2):
     sampler = BatchSampler(len(fixed), 16, seed=0)
     for _ in range(100):
         batch = [fixed[i] for i in sampler.next()]
-        opt.step(lambda: lm_loss(model, enc, batch, tok.pad_token_id))
+        opt.step(lambda batch=batch: lm_loss(model, enc, batch, tok.pad_token_id))
     after = train_loss()
     assert after < before - 0.05, (before, after)
