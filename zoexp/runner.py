@@ -82,29 +82,52 @@ class Counters:
 
 
 def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters):
-    """One forward pass on ``batch``: the loss on the answer tokens. No backward (methods decide)."""
-    n_tokens = sum(len(encoder.encode(ex.prompt, ex.target)[0]) for ex in batch)
+    """One forward pass on ``batch``: the loss on the answer tokens. No backward (methods decide).
 
-    def closure():
-        counters.forward_passes += 1
-        counters.tokens += n_tokens
-        return lm_loss(model, encoder, batch, pad_id)
+    ``closure(part, parts)`` (gradient accumulation) runs only the ``part``-th of ``parts`` contiguous
+    slices of the batch and scales its mean loss by the slice's share of the batch's answer tokens, so
+    the parts' losses -- and their gradients -- add up to those of the whole batch. The parts of one
+    batch count as one forward pass.
+    """
+    encoded = [encoder.encode(ex.prompt, ex.target) for ex in batch]
+    n_tokens = [len(ids) for ids, _ in encoded]
+    n_answer = [n for _, n in encoded]
+
+    def closure(part: int = 0, parts: int = 1):
+        if parts == 1:
+            counters.forward_passes += 1
+            counters.tokens += sum(n_tokens)
+            return lm_loss(model, encoder, batch, pad_id)
+        if not 0 <= part < parts <= len(batch):
+            raise ValueError(f"cannot split a batch of {len(batch)} examples into {parts} parts (part {part}); "
+                             "accumulation steps must not exceed run.batch_size")
+        lo, hi = part * len(batch) // parts, (part + 1) * len(batch) // parts
+        counters.forward_passes += part == 0
+        counters.tokens += sum(n_tokens[lo:hi])
+        return lm_loss(model, encoder, batch[lo:hi], pad_id) * (sum(n_answer[lo:hi]) / sum(n_answer))
 
     return closure
 
 
 class BestWeights:
     """Keeps the weights with the best dev metric: on disk (safetensors in the run directory), in memory
-    (a copy), or not at all (test uses the final weights)."""
+    (a copy), or not at all (test uses the final weights).
 
-    def __init__(self, model, mode: str, run_dir: Path, name: str = "best.safetensors"):
+    The weights kept are ``params`` (the parameters the optimizer owns) when given -- block-coordinate
+    methods switch ``requires_grad`` on and off as they go, so it cannot tell what is trained -- else
+    the parameters that require grad.
+    """
+
+    def __init__(self, model, mode: str, run_dir: Path, params=None, name: str = "best.safetensors"):
         self.mode, self.path = mode, run_dir / name
         self._memory: dict[str, torch.Tensor] | None = None
         self.saved = False
+        owned = None if params is None else {id(p) for p in params}
         named = {}
         seen = set()
         for name, p in model.named_parameters():
-            if p.requires_grad and id(p) not in seen:
+            keep = p.requires_grad if owned is None else id(p) in owned
+            if keep and id(p) not in seen:
                 seen.add(id(p))
                 named[name] = p
         self.params = named
@@ -335,7 +358,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     if optimizer is not None:
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         row.update({"trainable_params": trainable, "forward_passes_per_step": optimizer.forward_passes_per_step})
-        keeper = BestWeights(model, str(cfg.run.keep_best), run_dir, name=dist.best_file())
+        keeper = BestWeights(model, str(cfg.run.keep_best), run_dir, name=dist.best_file(),
+                             params=[p for g in optimizer.param_groups for p in g["params"]])
         scheduler = _scheduler(optimizer, str(cfg.run.lr_schedule), steps)
         sampler = BatchSampler(len(data.train), int(cfg.run.batch_size), seed)
         eval_every = int(cfg.run.eval_every) or steps
@@ -433,6 +457,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             "train/time_per_step_s": t_train / max(steps, 1),
             "optimizer_state_bytes": optimizer.state_bytes(),
             "optimizer_state_bytes_max": max_state,
+            "optimizer_grad_bytes_max": getattr(optimizer, "grad_bytes_max", 0),
             "forward_passes": counters.forward_passes,
             "tokens": tokens,
             "tokens_per_s": tokens / t_train if t_train else None,
@@ -446,7 +471,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             row.update({"checkpoints_written": ckpt.saves, "checkpoint_bytes": ckpt.saved_bytes})
         keeper.restore()
     else:
-        row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0})
+        row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0,
+                    "optimizer_grad_bytes_max": 0})
 
     with bar, guard.armed():  # [scale-out] a signal now lets the test evaluation finish (the run is complete)
         result = run_eval(data.test, "test")

@@ -50,6 +50,9 @@ class Method(Optimizer):
     forward_passes_per_step: int = 1
     #: whether the runner should put the model in train mode (dropout) during steps
     train_mode: bool = False
+    #: most gradient bytes held at once during a step so far (0 for forward-only methods); first-order
+    #: methods update it, since their gradients exist only inside ``step``
+    grad_bytes_max: int = 0
 
     def state_bytes(self) -> int:
         """Exact bytes of the tensors this method holds between steps."""
