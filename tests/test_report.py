@@ -86,7 +86,7 @@ def test_cells_without_rows_are_dashes_and_failures_are_shown(toy):
     assert b.mean is None and b.text is None and b.missing == "no run"
     assert {(c.row, c.column) for c in t.missing()} >= {("mezo", "a"), ("mezo", "b")}
     md = report.to_markdown(t)
-    assert "— no run: MeZO/Task A" in md and "| OOM |" in md
+    assert "— no run: ZO MeZO/Task A" in md and "| OOM |" in md
 
 
 def test_average_relative_memory_and_paper_values_are_rendered(toy):

@@ -120,3 +120,18 @@ def test_a_table_sweep_writes_tagged_rows_and_a_rerun_resumes(tmp_path, fixture_
     out = zoexp(args, tmp_path, fixture_data_dir)
     assert "3 job(s) already have an ok row" in out and "to launch: 0 job(s)" in out
     assert len(read_rows(tmp_path / "results" / "experiments" / "focus_table3" / "smoke.jsonl")) == 3
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_experiment_composes_with_the_table_sweeper(name):
+    from hydra import compose, initialize_config_dir
+
+    from zoexp.cli import register_tasks
+    from zoexp.paths import conf_dir
+
+    register_tasks()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}", "profile=smoke"], return_hydra_config=True)
+    assert cfg.experiment_name == name and cfg.profile == "smoke"
+    assert cfg.hydra.sweeper._target_.endswith("TableSweeper")
+    assert cfg.run.results_file == f"results/experiments/{name}/smoke.jsonl"

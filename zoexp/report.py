@@ -471,8 +471,12 @@ def fmt_number(value: Any, kind: str = "f1") -> str:
     if kind == "min_s":
         total = int(round(value))
         return f"{total // 60}min {total % 60:02d}s"
-    if kind == "hours":
-        return f"{value:.1f}h" if abs(value) >= 1 else f"{value * 60:.1f}min"
+    if kind == "hours":  # hours as the paper prints them; short runs in minutes or seconds
+        if abs(value) >= 1:
+            return f"{value:.1f}h"
+        return f"{value * 60:.1f}min" if abs(value) * 60 >= 1 else f"{value * 3600:.1f}s"
+    if kind == "text":
+        return str(value)
     if kind == "rel":
         return f"{value:+.2f}%"
     if kind == "int":
@@ -539,7 +543,8 @@ def grid(table: Table, p: int) -> tuple[list[str], list[list[str]]]:
         diff_line = [""] * len(head) + ["Δ"]
         for col in panel["columns"]:
             cell = table.cells[(p, lrow["key"], col["key"])]
-            kind = col.get("fmt") or panel.get("fmt") or "f1"
+            q = col.get("quantity") or lrow.get("quantity") or panel.get("quantity", "test")
+            kind = "text" if q in TEXT_QUANTITIES else (col.get("fmt") or panel.get("fmt") or "f1")
             paper_line.append(fmt_number(cell.paper, kind))
             ours_line.append(fmt_ours(cell, kind) if not col.get("paper_only") else "")
             diff_line.append(fmt_diff(cell, kind))
@@ -569,7 +574,7 @@ def _models_text(table: Table) -> str:
 def _label(items: list[dict], key: str) -> str:
     for item in items:
         if item["key"] == key:
-            return str(item.get("label") or item.get("group") or key)
+            return " ".join(str(x) for x in (item.get("group"), item.get("label")) if x) or key
     return key
 
 
