@@ -70,7 +70,7 @@ def test_cells_whose_configs_do_not_exist_are_skipped_and_counted():
 def test_override_values_and_job_keys():
     assert format_value(1e-6) == "1e-06" and format_value(None) == "null" and format_value(True) == "true"
     assert format_value("r2-nu50") == "r2-nu50" and format_value("a b") == "'a b'" and format_value([1, 2]) == "[1,2]"
-    assert job_key(["a=1", "b=2"]) == job_key(["b=2", "a=1", "cell.job=x"]) != job_key(["a=1", "b=3"])
+    assert job_key(["a=1", "b=2"]) == job_key(["b=2", "+a=1", "cell.job=x"]) != job_key(["a=1", "b=3"])
 
 
 @pytest.mark.parametrize("name", experiment_names())
@@ -135,3 +135,11 @@ def test_every_experiment_composes_with_the_table_sweeper(name):
     assert cfg.experiment_name == name and cfg.profile == "smoke"
     assert cfg.hydra.sweeper._target_.endswith("TableSweeper")
     assert cfg.run.results_file == f"results/experiments/{name}/smoke.jsonl"
+
+
+def test_an_experiment_without_multirun_says_how_to_run_it(tmp_path, fixture_data_dir):
+    env = {**os.environ, "ZOEXP_DATA_DIR": str(fixture_data_dir)}
+    out = subprocess.run([sys.executable, "-m", "zoexp", "experiment=focus_table3", "profile=smoke"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "zoexp -m experiment=focus_table3 profile=smoke" in out.stderr
+    assert not (tmp_path / "results" / "experiments").exists()

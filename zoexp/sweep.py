@@ -76,7 +76,7 @@ class Job:
 
 def job_key(overrides: Iterable[str]) -> str:
     """Identity of a job (its full override list, order-free): what a re-run skips when it is done."""
-    text = json.dumps(sorted(o for o in overrides if not _bare(o).startswith("cell.job=")))
+    text = json.dumps(sorted(_bare(o) for o in overrides if not _bare(o).startswith("cell.job=")))
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
