@@ -143,3 +143,11 @@ def test_an_experiment_without_multirun_says_how_to_run_it(tmp_path, fixture_dat
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "zoexp -m experiment=focus_table3 profile=smoke" in out.stderr
     assert not (tmp_path / "results" / "experiments").exists()
+
+
+def test_tasks_without_local_data_are_skipped(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    spec = {**SPEC, "cells": [{"methods": ["mezo"], "tasks": ["sst2", "sst2-mlm", "sst5-mlm"], "models": ["big"]}]}
+    plan = expand(spec, "p", data_dir=tmp_path)
+    assert {j.task for j in plan.jobs} == {"sst2", "sst2-mlm"}  # sst2-mlm reads the sst2 folder
+    assert plan.skipped == {f"no data for task sst5-mlm in {tmp_path}": 1}

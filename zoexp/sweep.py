@@ -144,6 +144,14 @@ def available(kind: str, name: str) -> bool:
     return (conf_dir() / kind / f"{name}.yaml").is_file()
 
 
+def has_local_data(task: str, data_dir) -> bool:
+    """Whether ``data_dir`` holds the task's folder (True when there is no data_dir: the hub is used)."""
+    if not data_dir:
+        return True
+    local = ((OmegaConf.load(tasks_dir() / f"{task}.yaml").get("source") or {}).get("local")) or task
+    return (Path(str(data_dir)) / local).is_dir()
+
+
 def _listify(values) -> list:
     if values is None:
         return [None]
@@ -187,9 +195,10 @@ class Plan:
     skipped: dict[str, int]  # reason -> number of cells
 
 
-def expand(spec: Any, profile: str, check_available: bool = True) -> Plan:
+def expand(spec: Any, profile: str, check_available: bool = True, data_dir=None) -> Plan:
     """Every job of ``spec`` (a ``sweep`` section) under ``profile``; cells whose method/task/model config
-    does not exist here, or whose model role the profile does not run, are skipped (and counted)."""
+    does not exist here, whose task has no folder in ``data_dir`` (when given), or whose model role the
+    profile does not run, are skipped (and counted)."""
     spec = as_dict(spec)
     prof = profile_spec(spec, profile)
     models = prof.get("models") or {}
@@ -213,6 +222,9 @@ def expand(spec: Any, profile: str, check_available: bool = True) -> Plan:
                        (("method", method), ("task", task), ("model", model)) if not available(kind, name)]
             if missing:
                 skip("no config here for " + ", ".join(missing))
+                continue
+            if not has_local_data(task, data_dir):
+                skip(f"no data for task {task} in {data_dir}")
                 continue
         settings = settings_for(prof, method, task, variant, role)
         axes = {k: v for k, v in settings.items() if isinstance(v, list | tuple)}

@@ -74,7 +74,7 @@ class TableSweeper(Sweeper):
                                  "(zoexp -m experiment=<table> profile=<paper|cpu|smoke>)")
         name, profile = cfg.get("experiment_name"), cfg.get("profile")
         try:
-            plan = expand(cfg.sweep, str(profile))
+            plan = expand(cfg.sweep, str(profile), data_dir=cfg.get("data_dir"))
         except SweepError as exc:
             raise HydraException(f"{name}: {exc}") from exc
         if self.strict and plan.skipped:
