@@ -57,7 +57,7 @@ class Job:
     settings: dict[str, Any] = field(default_factory=dict)  # key -> value (one grid point, fixed values)
 
     def overrides(self) -> dict[str, str]:
-        """Hydra overrides (key -> "key=value"), ``cell.job`` included."""
+        """Hydra overrides (key -> "key=value"); the sweeper adds ``cell.job`` (a hash of the final list)."""
         out = {
             "method": f"method={self.method}",
             "task": f"task={self.task}",
