@@ -53,11 +53,13 @@ def draw_curves(fig_spec: dict, table_select: dict, rows: list[dict], path: Path
 
     panels = fig_spec.get("panels") or [{"label": "", "select": {}}]
     xs = fig_spec.get("x") or ["step"]
-    fig, axes = plt.subplots(len(xs), len(panels), figsize=(4.2 * len(panels), 3.2 * len(xs)), squeeze=False)
+    # rows: the x axes (steps, wall-clock); columns: the panels (one panel: the x axes side by side)
+    n_rows, n_cols = (1, len(xs)) if len(panels) == 1 else (len(xs), len(panels))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.2 * n_rows), squeeze=False)
     for j, panel in enumerate(panels):
         series = panel.get("series") or fig_spec.get("series") or []
         for i, x in enumerate(xs):
-            ax = axes[i][j]
+            ax = axes[0][i] if len(panels) == 1 else axes[i][j]
             drawn = 0
             for k, s in enumerate(series):
                 select = _select(table_select, fig_spec.get("select"), panel.get("select"), s.get("select"))
@@ -80,7 +82,7 @@ def draw_curves(fig_spec: dict, table_select: dict, rows: list[dict], path: Path
             ax.set_ylabel("training loss")
             ax.set_title(panel.get("label", ""), fontsize=9)
             ax.grid(alpha=0.3)
-    width = max(40, int(4.2 * len(panels) * 14))
+    width = max(40, int(4.2 * n_cols * 14))
     fig.suptitle(textwrap.fill(f"{fig_spec['title']}  [ours, {profile} profile]", width), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
