@@ -118,6 +118,7 @@ def draw_bars(fig_spec: dict, table_select: dict, rows: list[dict], path: Path, 
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(range(len(groups)), [g.get("label", "") for g in groups])
+    ax.set_xlim(-0.5, len(groups) - 0.5)  # groups keep their place even when bars are missing
     source = "/".join(sorted(x for x in sources if x))
     ax.set_ylabel({"memory": f"peak {source} memory (GB)".replace("  ", " "),
                    "time": "training time (s)"}.get(q, q))
