@@ -29,12 +29,12 @@ def _fixture_rows(task: str, n: int) -> list[dict] | None:
 
 
 def _split_names(spec: dict) -> list[str]:
+    """Every split a spec may read (a list of alternatives: all of them)."""
     splits = spec.get("splits") or {"train": "train", "test": "validation"}
     names = []
     for role in ("train", "test"):
         value = splits.get(role)
-        if value:
-            names.append(value[0] if isinstance(value, list) else value)
+        names += [str(v) for v in (value if isinstance(value, list) else [value]) if v]
     return names
 
 
@@ -46,28 +46,33 @@ def _copy_head(src: Path, dst: Path, n: int) -> None:
 
 
 def build(root: Path, tasks: set[str]) -> dict[str, str]:
-    """Write data for ``tasks`` under ``root``; returns {task: why there is none} for the rest."""
+    """Write data for ``tasks`` under ``root``; returns {task: why there is none} for the rest. Tasks that
+    read the same folder (sst2 and sst2-mlm) get one folder with every split either of them reads."""
     import json
 
     shared = shared_data_dir()
-    missing = {}
+    folders: dict[str, list[tuple[str, dict]]] = {}
     for task in sorted(tasks):
         spec = load_spec(task)
-        folder = root / (spec.get("source") or {}).get("local", task)
+        folders.setdefault((spec.get("source") or {}).get("local", task), []).append((task, spec))
+    missing = {}
+    for name, users in folders.items():
+        folder = root / name
         if folder.is_dir():
             continue
-        rows = _fixture_rows(task, 96)
+        rows = next((r for r in (_fixture_rows(t, 96) for t, _ in users) if r is not None), None)
         if rows is not None:
             folder.mkdir(parents=True)
-            for split in _split_names(spec):
+            for split in sorted({s for _, spec in users for s in _split_names(spec)}):
                 (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             continue
-        src = shared / folder.name if shared else None
+        src = shared / name if shared else None
         if src is not None and src.is_dir():
             folder.mkdir(parents=True)
             for path in sorted(src.iterdir()):
                 if path.name.endswith((".jsonl", ".jsonl.gz")):
                     _copy_head(path, folder / path.name.replace(".jsonl.gz", ".jsonl"), N_ROWS)
             continue
-        missing[task] = f"no data for task {task} (no fixture rows, no {folder.name}/ in ZOEXP_DATA_DIR or ../shared/data)"
+        for task, _ in users:
+            missing[task] = f"no data for task {task} (no fixture rows, no {name}/ in ZOEXP_DATA_DIR or ../shared/data)"
     return missing
