@@ -63,4 +63,9 @@ def sample_k_shot(task, seed: int, data_dir, k: int, num_test: int):
     for note in notes:
         log.warning("task %s: %s", task.name, note)
     test = [task.render(test_rows[i], i) for i in test_idx]
-    return TaskData(train=train, dev=dev, test=test, notes=notes)
+    extra = {}
+    if "splits" in getattr(TaskData, "__dataclass_fields__", {}):  # where the sets came from, if recorded
+        one = pool_rows is test_rows
+        extra["splits"] = {"train": test_split if one else train_split, "dev": test_split if one else train_split,
+                           "test": test_split, "disjoint_from_one_split": one, "k_shot": k}
+    return TaskData(train=train, dev=dev, test=test, notes=notes, **extra)
