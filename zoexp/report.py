@@ -585,6 +585,10 @@ def notes(table: Table) -> list[str]:
     if table.memory_source:
         out.append(f"memory = peak {table.memory_source} memory of the training phase (of evaluation for methods "
                    "that do not train), GB = 2^30 bytes.")
+    if "host RSS" in table.memory_source:
+        out.append("host RSS counts the whole process (Python, libraries, data) and never shrinks: training steps "
+                   "that follow a dev evaluation include what the allocator kept from it; compare methods run "
+                   "alike, not with the papers' GPU numbers.")
     out += [str(n) for n in table.layout.get("notes") or []]
     missing: dict[str, list[str]] = {}
     panels = panels_of(table.layout)
