@@ -48,7 +48,7 @@ bench: setup
 # The sweep (conf/experiment/<paper>_table<N>.yaml) writes rows to results/experiments/<table>/<PROFILE>.jsonl
 # and skips jobs that already have an ok row (an interrupted table resumes); the report writes
 # results/tables/<PROFILE>/<table>.{md,csv,tex} and results/figures/<PROFILE>/. ARGS adds overrides, e.g.
-# ARGS="method=mezo,zero-shot" (only those cells) or ARGS="hydra/launcher=submitit_slurm" (a cluster).
+# ARGS="method=mezo,zero-shot" (only those cells) or ARGS="hydra/launcher=slurm" (a cluster).
 PROFILE ?= cpu
 ARGS ?=
 FOCUS_TABLES := 1 2 3 4 5

@@ -151,3 +151,11 @@ def test_tasks_without_local_data_are_skipped(tmp_path):
     plan = expand(spec, "p", data_dir=tmp_path)
     assert {j.task for j in plan.jobs} == {"sst2", "sst2-mlm"}  # sst2-mlm reads the sst2 folder
     assert plan.skipped == {f"no data for task sst5-mlm in {tmp_path}": 1}
+
+
+def test_a_list_valued_setting_is_a_one_point_axis():
+    spec = {**SPEC, "cells": [{"methods": ["lora"], "tasks": ["sst2"], "models": ["big"]}],
+            "profiles": {"p": {"models": {"big": "tiny-opt"}, "seeds": [0],
+                               "methods": {"lora": {"method.target_modules": [["query", "value"]]}}}}}
+    (job,) = expand(spec, "p", check_available=False).jobs
+    assert job.overrides()["method.target_modules"] == "method.target_modules=[query,value]"

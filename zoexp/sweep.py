@@ -18,7 +18,7 @@ An experiment config (``conf/experiment/<table>.yaml``, package ``_global_``) ho
           method_tasks: {mezo@squad: {method.lr: [1e-6]}, hzo@k512: {method.lr: 2e-7}}  # method@task|variant
 
 Settings merge in that order (later wins); list values are grid axes, swept as a product, times the
-seeds. ``expand`` turns the spec into jobs (Hydra override lists); the Hydra sweeper plugin
+seeds (a setting whose value is itself a list is a one-point axis: ``method.target_modules: [[query, value]]``). ``expand`` turns the spec into jobs (Hydra override lists); the Hydra sweeper plugin
 ``hydra_plugins/zoexp_sweeper`` launches them through the configured launcher, so
 ``zoexp -m experiment=focus_table3 profile=cpu`` runs a table, locally or on a cluster.
 """
