@@ -14,7 +14,7 @@ An experiment config (``conf/experiment/<table>.yaml``, package ``_global_``) ho
           methods: {mezo: {method.lr: [1e-5, 7e-5]}}   # per method; a list is a grid axis
           roles: {llama-2-7b: {run.batch_size: 1}}     # per model role, every method
           tasks: {squad: {run.max_new_tokens: 16}}    # per task, every method
-          variants: {k16: {task.k_shot: 16}}         # per cell variant
+          variants: {k16: {task.k_shot: 16}}         # per cell variant (null: not run in this profile)
           method_tasks: {mezo@squad: {method.lr: [1e-6]}, hzo@k512: {method.lr: 2e-7}}  # method@task|variant
 
 Settings merge in that order (later wins); list values are grid axes, swept as a product, times the
@@ -216,6 +216,9 @@ def expand(spec: Any, profile: str, check_available: bool = True, data_dir=None)
         model = models[role]
         if model is None:
             skip(f"model {role} is not run in the {profile} profile")
+            continue
+        if variant is not None and variant in (prof.get("variants") or {}) and prof["variants"][variant] is None:
+            skip(f"variant {variant} is not run in the {profile} profile")
             continue
         if check_available:
             missing = [f"{kind} {name}" for kind, name in
