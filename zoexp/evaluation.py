@@ -16,11 +16,16 @@ from zoexp.tasks import Example, Task
 def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], batch_size: int = 16,
              progress: Callable[[int], None] | None = None, max_new_tokens: int = 50) -> dict:
     """Metrics of ``task`` on ``examples``, e.g. {"acc": 0.81, "n": 1000}."""
+    from zoexp import mlm
+
     was_training = model.training
     model.eval()
     try:
+        if mlm.is_masked_lm(model) and task.type != "classification":
+            raise ValueError(f"task {task.name}: a masked LM can only score classification tasks (masked-LM prompts)")
         if task.type == "classification":
-            scores = score_candidates(model, encoder, examples, encoder.tok.pad_token_id, batch_size, progress=progress)
+            score = mlm.score_candidates if mlm.is_masked_lm(model) else score_candidates
+            scores = score(model, encoder, examples, encoder.tok.pad_token_id, batch_size, progress=progress)
             predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
             return {"acc": accuracy(predictions, [ex.label for ex in examples]), "n": len(examples)}
         outputs = generate(model, encoder, [ex.prompt for ex in examples], batch_size, max_new_tokens,

@@ -12,6 +12,9 @@ A model comes from one of four sources (``model.source``):
 
 ``block_view`` gives every supported decoder the same four parts (embeddings, transformer layers,
 final norm, head) and ``param_groups`` turns them into optimizer param groups, one per block.
+
+``model.head: masked-lm`` loads a masked language model (RoBERTa, BERT) instead of a causal LM: the
+prompt-based masked-LM setting of HZO Table 6 (scoring in ``zoexp.mlm``).
 """
 
 from __future__ import annotations
@@ -162,16 +165,32 @@ def _save_plain(model, folder: Path) -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
+_TOKENIZERS: dict[str, Any] = {}
+
+
 def load_tokenizer(cfg: Any):
+    """The tokenizer of a model config, loaded once per process (a sweep runs many jobs in one process;
+    the same settings give the same tokenizer, which nothing mutates afterwards)."""
+    import json
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if cfg.get("source", "hub") == "config":  # a random-init model borrows a tokenizer config
+        if cfg.get("tokenizer") is None:
+            raise ModelLoadError(f"model {cfg.get('name')!r}: source=config needs model.tokenizer")
+        return load_tokenizer(cfg.get("tokenizer"))
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    key = json.dumps({k: v for k, v in plain.items() if k != "name"}, sort_keys=True, default=str)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _load_tokenizer(cfg)
+    return _TOKENIZERS[key]
+
+
+def _load_tokenizer(cfg: Any):
     from transformers import AutoTokenizer
 
     source = cfg.get("source", "hub")
     trust = bool(cfg.get("trust_remote_code", False))
-    if source == "config":
-        tok_cfg = cfg.get("tokenizer")
-        if tok_cfg is None:
-            raise ModelLoadError(f"model {cfg.get('name')!r}: source=config needs model.tokenizer")
-        return load_tokenizer(tok_cfg)
     if source == "gguf":
         folder = converted_gguf_dir(_gguf_path(cfg), with_weights=False)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -192,24 +211,38 @@ def _fix_special_tokens(tokenizer, cfg: Any):
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise ModelLoadError("tokenizer has neither a pad nor an eos token; set model.pad_token")
+    mask = cfg.get("mask_token")
+    if mask and tokenizer.mask_token != mask:  # masked LMs need one; a borrowed tokenizer may lack it
+        tokenizer.add_special_tokens({"mask_token": mask})
     return tokenizer
 
 
 # --------------------------------------------------------------------------- model
 
 
-def _build_from_config(cfg: Any, vocab_size: int):
+def _auto_class(cfg: Any):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    head = cfg.get("head", "causal-lm")
+    if head not in ("causal-lm", "masked-lm"):
+        raise ModelLoadError(f"model.head must be causal-lm or masked-lm, not {head!r}")
+    return AutoModelForMaskedLM if head == "masked-lm" else AutoModelForCausalLM
+
+
+def _build_from_config(cfg: Any, vocab_size: int, pad_token_id: int | None = None):
     from omegaconf import OmegaConf
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     arch = cfg.get("arch")
     if not arch:
         raise ModelLoadError(f"model {cfg.get('name')!r}: source=config needs model.arch (opt, llama, ...)")
     kwargs = OmegaConf.to_container(cfg.config, resolve=True) if cfg.get("config") is not None else {}
     kwargs.setdefault("vocab_size", vocab_size)
+    if cfg.get("head") == "masked-lm" and pad_token_id is not None:
+        kwargs.setdefault("pad_token_id", pad_token_id)  # RoBERTa positions count from the pad id
     config = AutoConfig.for_model(arch, **kwargs)
     # Initialisation depends only on the seed set by the runner before this call.
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.get("attn_implementation", "sdpa"))
+    return _auto_class(cfg).from_config(config, attn_implementation=cfg.get("attn_implementation", "sdpa"))
 
 
 def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
@@ -225,13 +258,13 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
     attn = cfg.get("attn_implementation", "sdpa")
     placement = _placement(cfg)  # [scale-out] accelerate device map (model.device_map, model.max_memory)
     if source == "config":
-        model = _build_from_config(cfg, vocab_size=len(tokenizer))
+        model = _build_from_config(cfg, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     elif source == "gguf":
         folder = converted_gguf_dir(_gguf_path(cfg), with_weights=True)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn, **placement)
     elif source in ("hub", "local"):
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = _auto_class(cfg).from_pretrained(
                 str(cfg.path),
                 dtype=dtype,
                 revision=cfg.get("revision"),
@@ -363,6 +396,9 @@ _LAYOUTS = [
     ("transformer.h", ["transformer.wte", "transformer.wpe"], "transformer.ln_f", "lm_head"),
     # GPT-NeoX / Pythia
     ("gpt_neox.layers", ["gpt_neox.embed_in"], "gpt_neox.final_layer_norm", "embed_out"),
+    # masked LMs: RoBERTa, BERT (no final norm; the head holds its own transform + norm)
+    ("roberta.encoder.layer", ["roberta.embeddings"], None, "lm_head"),
+    ("bert.encoder.layer", ["bert.embeddings"], None, "cls"),
 ]
 
 
@@ -371,7 +407,8 @@ def block_view(model: nn.Module) -> BlockView:
         layers = _find(model, layers_name)
         if isinstance(layers, nn.ModuleList):
             embed = [m for m in (_find(model, n) for n in embed_names) if m is not None]
-            return BlockView(embed, layers, _find(model, norm_name), _find(model, head_name), layers_name)
+            norm = _find(model, norm_name) if norm_name else None
+            return BlockView(embed, layers, norm, _find(model, head_name), layers_name)
     # Fallback: the largest ModuleList is the stack of transformer layers.
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     if not lists:

@@ -8,6 +8,7 @@ row. Readers skip (and report) any line that does not parse, so nothing already 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -76,8 +77,12 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """Commit of the source checkout zoexp runs from (None for an installed wheel outside git)."""
+    """Commit of the source checkout zoexp runs from (None for an installed wheel outside git).
+
+    Read once per process: the code that runs is the code imported at start, whatever happens to the
+    checkout during a long sweep (and a sweep of hundreds of runs spawns git only once)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)

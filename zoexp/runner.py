@@ -224,6 +224,12 @@ def base_row(cfg: DictConfig, run_dir: Path) -> dict:
         "hparams": _hyperparameters(cfg),
         "run": OmegaConf.to_container(cfg.run, resolve=True),
         "experiment": cfg.get("experiment_name"),
+        # reproduction sweeps (conf/experiment/*): the profile and the table cell this run belongs to,
+        # and the task protocol, so the report can select rows and refuse mismatched ones (zoexp.report)
+        "profile": cfg.get("profile"),
+        "cell": OmegaConf.to_container(cfg.cell, resolve=True) if cfg.get("cell") is not None else None,
+        "task_protocol": {"metric": cfg.task.get("metric"),
+                          **{k: cfg.task.get(k) for k in ("num_train", "num_dev", "num_test", "k_shot")}},
         "run_dir": str(run_dir),
         "git_commit": git_commit(),
         "versions": versions(),

@@ -144,6 +144,10 @@ def read_logprobs(model, requests: Sequence[Request], pad_id: int, side: str = "
 
 def lm_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
     """Cross-entropy on the target (answer) tokens only, averaged over all target tokens of the batch."""
+    from zoexp import mlm
+
+    if mlm.is_masked_lm(model):  # masked-LM prompts (HZO Table 6): the loss at the mask, zoexp.mlm
+        return mlm.mlm_loss(model, encoder, batch, pad_id)
     requests = [encoder.continuation_request(ex.prompt, ex.target) for ex in batch]
     per_request = read_logprobs(model, requests, pad_id)
     token_logprobs = torch.cat([torch.cat(reads) for reads in per_request])

@@ -165,6 +165,10 @@ class Task:
         num_train = int(spec.get("num_train", 1000) if num_train is None else num_train)
         num_dev = int(spec.get("num_dev", 500) if num_dev is None else num_dev)
         num_test = int(spec.get("num_test", 1000) if num_test is None else num_test)
+        if spec.get("k_shot"):  # LM-BFF's k examples per class (masked-LM prompt tasks): zoexp.kshot
+            from zoexp.kshot import sample_k_shot
+
+            return sample_k_shot(self, seed, data_dir, int(spec["k_shot"]), num_test)
         splits = spec.get("splits", {"train": "train", "test": "validation"})
         train_split, test_split = splits.get("train"), splits["test"]
         notes: list[str] = []

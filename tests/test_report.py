@@ -1,0 +1,227 @@
+"""The report: best configuration by dev (never test), mean ± std over seeds, "—" for cells without a run,
+the paper's values beside ours, refusal of mismatched rows; and the consistency of the shipped tables
+(every published number belongs to a cell, every runnable cell is declared by its sweep)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import zoexp.report as report
+from zoexp.report import ReportError, build, load_layout, load_rows, panels_of, table_names
+from zoexp.sweep import cell_keys, experiment_names, load_sweep
+
+TOY = {
+    "title": "Toy table", "source": "Toy paper, Table 1", "select": {"role": "big"}, "quantity": "test",
+    "fmt": "f1", "row_header": ["Type", "Method"],
+    "columns": [{"key": "a", "label": "Task A", "select": {"task": "sst2"}},
+                {"key": "b", "label": "Task B", "select": {"task": "taskb"}},
+                {"key": "avg", "label": "Average", "aggregate": "mean"},
+                {"key": "mem", "label": "Memory A", "quantity": "memory", "fmt": "gb2", "select": {"task": "sst2"}},
+                {"key": "rel", "label": "Memory vs MeZO", "fmt": "rel", "relative": {"of": "mem", "to": "mezo"}}],
+    "rows": [{"key": "mezo", "group": "ZO", "label": "MeZO", "select": {"method": "mezo"}},
+             {"key": "hizoo", "group": "ZO", "label": "HiZOO", "select": {"method": "hizoo"}},
+             {"key": "zs", "group": "Ref", "label": "Zero-shot", "select": {"method": "zero-shot"}, "extra": True},
+             {"key": "theory", "group": "Theory", "label": "", "paper_only": True}],
+    "paper": {"mezo": {"a": 91.7, "b": 64.3, "avg": 78.0, "mem": 4.4, "rel": "baseline"},
+              "hizoo": {"a": [91.7, 0.5], "b": "OOM", "mem": 7.5, "rel": 72.25},
+              "theory": {"a": "d", "mem": "2d"}},
+    "notes": ["A toy note."],
+}
+
+
+def row(method="mezo", task="sst2", seed=0, lr=1e-3, dev=0.5, test=0.5, status="ok", version=1, steps=10,
+        mem=2**30, **extra) -> dict:
+    r = {"status": status, "method": method, "model": "tiny-opt", "task": task, "task_version": version,
+         "seed": seed, "dtype": "fp32", "hparams": {"lr": lr}, "run": {"steps": steps, "batch_size": 4, "seed": seed},
+         "experiment": "toy", "profile": "smoke",
+         "cell": {"model_role": "big", "variant": None, "job": f"{method}-{task}-{seed}-{lr}"},
+         "task_protocol": {"metric": "acc", "num_train": 16, "num_dev": 8, "num_test": 8, "k_shot": None},
+         "test/acc": test, "dev/acc": dev, "mem/train_rss_peak_bytes": mem, "steps": steps,
+         "curve": [{"step": s, "loss": 1.0 / s, "train_time_s": 0.1 * s} for s in (1, 2)]}
+    if status != "ok":
+        r.pop("test/acc")
+        r["message"] = extra.pop("message", "boom")
+    r.update(extra)
+    return r
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    folder = tmp_path / "paper_tables"
+    folder.mkdir()
+    (folder / "toy.yaml").write_text(yaml.safe_dump(TOY, allow_unicode=True))
+    monkeypatch.setattr(report, "PAPER_DIR", folder)
+    return folder
+
+
+def cell(table, r, c, p=0):
+    return table.cells[(p, r, c)]
+
+
+def test_the_configuration_with_the_best_dev_metric_wins_even_if_its_test_is_worse(toy):
+    rows = [row(lr=1e-3, seed=s, dev=0.8, test=t) for s, t in ((0, 0.5), (1, 0.7))]
+    rows += [row(lr=1e-4, seed=s, dev=0.7, test=0.95) for s in (0, 1)]
+    t = build("toy", "smoke", rows)
+    a = cell(t, "mezo", "a")
+    assert a.mean == pytest.approx(60.0) and a.std == pytest.approx(14.1421, abs=1e-3) and a.n == 2
+    assert a.selection.n_configs == 2 and a.selection.config.startswith("lr=0.001")
+    assert a.diff == pytest.approx(60.0 - 91.7)
+
+
+def test_a_configuration_with_a_failed_seed_is_not_a_candidate(toy):
+    rows = [row(lr=1e-3, seed=0, dev=0.9, test=0.9), row(lr=1e-3, seed=1, status="diverged")]
+    rows += [row(lr=1e-4, seed=s, dev=0.6, test=0.6) for s in (0, 1)]
+    a = cell(build("toy", "smoke", rows), "mezo", "a")
+    assert a.mean == pytest.approx(60.0) and len(a.selection.failed) == 1
+
+
+def test_cells_without_rows_are_dashes_and_failures_are_shown(toy):
+    rows = [row(method="hizoo", task="sst2", status="failed", message="CUDA out of memory. Tried to allocate")]
+    t = build("toy", "smoke", rows)
+    assert cell(t, "hizoo", "a").text == "OOM"
+    b = cell(t, "mezo", "b")
+    assert b.mean is None and b.text is None and b.missing == "no run"
+    assert {(c.row, c.column) for c in t.missing()} >= {("mezo", "a"), ("mezo", "b")}
+    md = report.to_markdown(t)
+    assert "— no run: ZO MeZO/Task A" in md and "| OOM |" in md
+
+
+def test_average_relative_memory_and_paper_values_are_rendered(toy):
+    rows = [row(method="mezo", task="sst2", dev=0.8, test=0.9, mem=2 * 2**30),
+            row(method="mezo", task="taskb", dev=0.8, test=0.7),
+            row(method="hizoo", task="sst2", dev=0.8, test=0.8, mem=3 * 2**30),
+            row(method="zero-shot", task="sst2", dev=None, test=0.55, steps=0)]
+    t = build("toy", "smoke", rows)
+    assert cell(t, "mezo", "avg").mean == pytest.approx(80.0)
+    assert cell(t, "hizoo", "avg").mean is None  # no Task B run: no average either
+    assert cell(t, "mezo", "mem").mean == pytest.approx(2.0)
+    assert cell(t, "hizoo", "rel").mean == pytest.approx(50.0)
+    assert cell(t, "mezo", "rel").mean == pytest.approx(0.0)
+    header, lines = report.grid(t, 0)
+    assert header == ["Type", "Method", "", "Task A", "Task B", "Average", "Memory A", "Memory vs MeZO"]
+    by_label = {tuple(line[:3]): line for line in lines}
+    assert by_label[("ZO", "MeZO", "paper")][3:] == ["91.7", "64.3", "78.0", "4.40 GB", "baseline"]
+    assert lines[1][3:] == ["90.0", "70.0", "80.0", "2.00 GB", "+0.00%"]
+    assert lines[2][3:6] == ["−1.7", "+5.7", "+2.0"]
+    assert by_label[("", "HiZOO", "paper")][3:5] == ["91.7 ± 0.5", "OOM"]
+    assert ["Ref", "Zero-shot", "ours (not in paper)", "55.0"] == by_label[("Ref", "Zero-shot", "ours (not in paper)")][:4]
+    assert by_label[("Theory", "", "paper")][3] == "d"
+    md = report.to_markdown(t)
+    assert "Toy paper, Table 1" in md and "A toy note." in md and "host RSS" in md
+
+
+def test_mismatched_task_versions_are_refused(toy):
+    rows = [row(seed=0, version=1), row(seed=1, version=2)]
+    with pytest.raises(ReportError, match="different task versions: version 1 .1 rows., version 2 .1 rows."):
+        build("toy", "smoke", rows)
+
+
+def test_rows_older_than_the_current_task_spec_are_refused(toy):
+    with pytest.raises(ReportError, match=r"tasks/sst2.yaml is version 1, but rows were made with version 0"):
+        build("toy", "smoke", [row(version=0)])
+
+
+def test_a_cell_whose_rows_ran_different_protocols_is_refused(toy):
+    rows = [row(seed=0, steps=10), row(seed=1, steps=20, lr=1e-4)]
+    with pytest.raises(ReportError, match="rows disagree on run.steps"):
+        build("toy", "smoke", rows)
+
+
+def test_the_cli_refuses_with_a_message_and_writes_nothing(toy, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row(seed=0, version=1), row(seed=1, version=2))))
+    assert report.main(["toy", "--profile", "smoke", "--rows", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "refusing to build toy" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tables").exists()
+
+
+def test_the_cli_writes_markdown_csv_latex_and_cells(toy, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row(seed=0), row(seed=1, test=0.7))))
+    assert report.main(["toy", "--profile", "smoke", "--rows", str(path), "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "tables" / "smoke"
+    assert "| ours | 60.0 ± 14.1 |" in (folder / "toy.md").read_text()
+    assert r"60.0 $\pm$ 14.1" in (folder / "toy.tex").read_text()
+    assert "ours,60.0 ± 14.1" in (folder / "toy.csv").read_text()
+    cells = (folder / "toy.cells.csv").read_text()
+    assert "mezo,a,test,60.0," in cells
+
+
+def test_rows_are_filtered_by_table_and_profile_and_a_rerun_job_counts_once(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [row(seed=0, test=0.1), row(seed=0, test=0.2), dict(row(seed=1), profile="cpu"),
+            dict(row(seed=2), experiment="other")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_rows("toy", "smoke", path)
+    assert [r["test/acc"] for r in loaded] == [0.2]  # same job twice: the later row
+
+
+# --------------------------------------------------------------------------- the shipped tables
+
+
+def test_every_sweep_has_its_paper_table_and_back():
+    assert set(experiment_names()) == set(table_names())
+    for name in experiment_names():
+        assert load_sweep(name)["table"] == name
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_published_numbers_belong_to_cells_and_name_their_source(name):
+    layout = load_layout(name)
+    assert layout["source"] and layout["title"]
+    for panel in panels_of(layout):
+        rows = {r["key"] for r in panel["rows"]}
+        cols = {c["key"] for c in panel["columns"]}
+        for r, values in (panel.get("paper") or {}).items():
+            assert r in rows, f"{name}: paper row {r} is not a row of the layout"
+            assert set(values) <= cols, f"{name}: paper columns {set(values) - cols} are not columns"
+
+
+def _declared(spec: dict, select: dict) -> bool:
+    keys = {"method": 0, "task": 1, "role": 2, "variant": 3}
+
+    def ok(cell, key, wanted):
+        options = wanted if isinstance(wanted, list) else [wanted]
+        return cell[keys[key]] in options
+
+    return any(all(ok(c, k, v) for k, v in select.items() if k in keys) for c in cell_keys(spec))
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_every_runnable_cell_is_declared_by_the_sweep(name):
+    layout, spec = load_layout(name), load_sweep(name)
+    for panel in panels_of(layout):
+        for r in panel["rows"]:
+            for c in panel["columns"]:
+                if r.get("paper_only") or c.get("paper_only") or c.get("aggregate") or c.get("relative") \
+                        or r.get("unavailable") or c.get("unavailable"):
+                    continue
+                select = {**panel.get("select", {}), **r.get("select", {}), **c.get("select", {})}
+                assert _declared(spec, select), f"{name}: cell {r['key']}/{c['key']} ({select}) is not in the sweep"
+        for fig in layout.get("figures") or []:
+            for p in fig.get("panels") or [{}]:
+                for s in p.get("series") or fig.get("series") or []:
+                    select = {**layout.get("select", {}), **fig.get("select", {}), **p.get("select", {}),
+                              **s.get("select", {})}
+                    assert _declared(spec, select), f"{name}: figure {fig['name']} series {s['label']} has no cells"
+
+
+def test_figures_are_drawn_from_the_chosen_runs(toy, tmp_path):
+    pytest.importorskip("matplotlib")
+    layout = dict(TOY, figures=[
+        {"name": "toy_curves", "title": "curves", "kind": "curves", "x": ["step", "time"],
+         "panels": [{"label": "A", "select": {"task": "sst2"}}, {"label": "B", "select": {"task": "taskb"}}],
+         "series": [{"label": "MeZO", "select": {"method": "mezo"}}, {"label": "HiZOO", "select": {"method": "hizoo"}}]},
+        {"name": "toy_bars", "title": "bars", "kind": "bars", "quantity": "memory",
+         "series": [{"label": "MeZO", "select": {"method": "mezo"}}, {"label": "HiZOO", "select": {"method": "hizoo"}}]},
+    ])
+    (toy / "toy.yaml").write_text(yaml.safe_dump(layout, allow_unicode=True))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row(seed=0), row(seed=1), row(method="hizoo"))))
+    _, written = report.report("toy", "smoke", rows=path, out_dir=tmp_path / "out")
+    names = sorted(p.name for p in written if p.parent.parent.name == "figures")
+    assert names == ["toy_bars.pdf", "toy_bars.png", "toy_curves.pdf", "toy_curves.png"]
+    assert all(p.stat().st_size > 1000 for p in written if p.parent.parent.name == "figures")

@@ -1,0 +1,772 @@
+"""`zoexp-report`: the papers' tables (and figures) from result rows, with the published numbers beside ours.
+
+    zoexp-report focus_table3 --profile cpu        # or: python -m zoexp.report focus_table3 --profile cpu
+    zoexp-report all --profile smoke               # every table that has rows
+    make report PROFILE=cpu                        # all tables and figures of a profile
+
+A table's layout and published numbers are data: ``zoexp/paper_tables/<table>.yaml`` (rows, columns,
+what each cell selects and shows, the paper's values, the source table and caption). Its rows come from
+``results/experiments/<table>/<profile>.jsonl`` (where the table's sweep writes them). The report reads
+rows only; it never runs or recomputes anything, and a cell without a usable row shows "—".
+
+Per cell: the rows of the cell (method, task, model role, variant) are grouped by configuration
+(everything but the seed); the configuration with the best mean *dev* metric is chosen (never test);
+the cell shows the mean ± std over that configuration's seeds of the column's quantity (test metric,
+memory, time, ...). Configurations with a failed or diverged seed are not candidates; a cell with only
+failed rows shows the failure (e.g. OOM). Rows that cannot be compared are refused with a message
+(different task versions, a task version other than the current spec's, different protocols in one cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoexp.results import read_rows
+
+log = logging.getLogger(__name__)
+
+PAPER_DIR = Path(__file__).resolve().parent / "paper_tables"
+PROFILES = ("paper", "cpu", "smoke")
+DASH = "—"
+# Settings that must agree within a cell (else its rows were made under different protocols).
+PROTOCOL_FIELDS = ("model", "task_version", "task_protocol", "dtype", "run.steps", "run.max_length",
+                   "run.eval_every", "run.lr_schedule")
+# Run settings that are part of the chosen configuration (the rest of `run` is bookkeeping).
+_RUN_BOOKKEEPING = ("seed", "progress", "results_file", "dir", "eval_batch_size", "log_every", "save_best",
+                    "keep_best", "device")
+
+
+class ReportError(RuntimeError):
+    """Rows that must not be put in one table (the message says which and why)."""
+
+
+# --------------------------------------------------------------------------- layout data
+
+
+def table_names() -> list[str]:
+    return sorted(p.stem for p in PAPER_DIR.glob("*.yaml"))
+
+
+def load_layout(name: str) -> dict:
+    import yaml
+
+    path = PAPER_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ReportError(f"no table {name!r}; available: {', '.join(table_names())}")
+    with open(path, encoding="utf-8") as fh:
+        layout = yaml.safe_load(fh)
+    layout.setdefault("name", name)
+    return layout
+
+
+# --------------------------------------------------------------------------- row access
+
+
+def get_path(row: dict, path: str) -> Any:
+    """A row field by name: top-level keys first (``test/acc``), then dotted paths (``hparams.rank``);
+    ``role`` / ``variant`` / ``k_shot`` are shorthands for ``cell.model_role`` / ``cell.variant`` /
+    ``task_protocol.k_shot``."""
+    path = {"role": "cell.model_role", "variant": "cell.variant", "k_shot": "task_protocol.k_shot"}.get(path, path)
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def matches(row: dict, select: dict | None) -> bool:
+    for key, wanted in (select or {}).items():
+        value = get_path(row, key)
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if not any(_equal(value, w) for w in options):
+            return False
+    return True
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def metric_of(row: dict) -> str:
+    proto = row.get("task_protocol") or {}
+    if proto.get("metric"):
+        return proto["metric"]
+    return "acc" if "test/acc" in row else "f1"
+
+
+def config_key(row: dict) -> str:
+    """Everything that defines a configuration except the seed."""
+    run = {k: v for k, v in (row.get("run") or {}).items() if k not in _RUN_BOOKKEEPING}
+    return json.dumps({"hparams": row.get("hparams"), "run": run, "dtype": row.get("dtype"),
+                       "model": row.get("model"), "task_protocol": row.get("task_protocol")},
+                      sort_keys=True, default=str)
+
+
+def describe_config(row: dict) -> str:
+    parts = [f"{k}={v}" for k, v in sorted((row.get("hparams") or {}).items()) if v is not None]
+    run = row.get("run") or {}
+    parts.append(f"bs={run.get('batch_size')}")
+    parts.append(f"steps={row.get('steps', run.get('steps'))}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- quantities
+
+
+def _memory_bytes(row: dict) -> tuple[float | None, str]:
+    for phase in ("train", "eval"):
+        value = row.get(f"mem/{phase}_gpu_reserved_peak_bytes")
+        if value:
+            return value, "GPU"
+    for phase in ("train", "eval"):
+        value = row.get(f"mem/{phase}_rss_peak_bytes")
+        if value:
+            return value, "host RSS"
+    return None, ""
+
+
+def quantity(row: dict, name: str) -> Any:
+    """The value a cell shows for one row (None: not recorded)."""
+    if name == "test":
+        value = row.get(f"test/{metric_of(row)}")
+        return None if value is None else 100.0 * value
+    if name == "dev":
+        value = row.get(f"dev/{metric_of(row)}")
+        return None if value is None else 100.0 * value
+    if name == "memory":
+        value, _ = _memory_bytes(row)
+        return None if value is None else value / 2**30
+    if name == "time":
+        return row.get("time/train_s")
+    if name == "time_h":
+        value = row.get("time/train_s")
+        return None if value is None else value / 3600.0
+    if name == "throughput":
+        return row.get("tokens_per_s")
+    if name == "loss":
+        return row.get("train/final_loss")
+    if name == "state":
+        value = row.get("optimizer_state_bytes")
+        return None if value is None else value / 2**30
+    if name == "batch_size":
+        return (row.get("run") or {}).get("batch_size")
+    if name in ("dtype", "device", "model"):
+        return row.get(name)
+    raise ReportError(f"unknown quantity {name!r}")
+
+
+TEXT_QUANTITIES = ("batch_size", "dtype", "device", "model")
+
+
+# --------------------------------------------------------------------------- loading and checks
+
+
+def rows_path(name: str, profile: str, results_dir: str | Path = "results") -> Path:
+    return Path(results_dir) / "experiments" / name / f"{profile}.jsonl"
+
+
+def load_rows(name: str, profile: str, path: str | Path | None = None, results_dir: str | Path = "results") -> list[dict]:
+    """The rows of table ``name`` made under ``profile``; a job run twice counts once (its latest row)."""
+    path = Path(path) if path else rows_path(name, profile, results_dir)
+    rows = [r for r in read_rows(path) if r.get("experiment") == name and r.get("profile") == profile]
+    latest: dict[str, dict] = {}
+    unkeyed = []
+    for row in rows:
+        job = (row.get("cell") or {}).get("job")
+        if job is None:
+            unkeyed.append(row)
+        else:
+            latest[job] = row  # file order = finishing order: later wins
+    return unkeyed + list(latest.values())
+
+
+def check_rows(rows: list[dict], name: str, current_versions: dict[str, Any] | None = None) -> None:
+    """Refuse rows that cannot share a table (raises ReportError naming the rows and the fix)."""
+    problems = []
+    by_task: dict[str, dict[Any, int]] = {}
+    for row in rows:
+        by_task.setdefault(row.get("task"), {}).setdefault(row.get("task_version"), 0)
+        by_task[row.get("task")][row.get("task_version")] += 1
+    for task, versions in sorted(by_task.items(), key=lambda kv: str(kv[0])):
+        if len(versions) > 1:
+            listing = ", ".join(f"version {v} ({n} rows)" for v, n in versions.items())
+            problems.append(f"task {task}: rows were made with different task versions: {listing}")
+        if current_versions and task in current_versions:
+            stale = {v: n for v, n in versions.items() if v != current_versions[task]}
+            if stale:
+                listing = ", ".join(f"version {v} ({n} rows)" for v, n in stale.items())
+                problems.append(f"task {task}: tasks/{task}.yaml is version {current_versions[task]}, "
+                                f"but rows were made with {listing}")
+    cells: dict[tuple, dict[str, set]] = {}
+    for row in rows:
+        cell = (row.get("method"), row.get("task"), get_path(row, "role"), get_path(row, "variant"))
+        seen = cells.setdefault(cell, {})
+        for fld in PROTOCOL_FIELDS:
+            seen.setdefault(fld, set()).add(json.dumps(get_path(row, fld), sort_keys=True, default=str))
+    for cell, fields in cells.items():
+        for fld, values in fields.items():
+            if len(values) > 1:
+                problems.append(f"cell method={cell[0]} task={cell[1]} role={cell[2]} variant={cell[3]}: "
+                                f"rows disagree on {fld}: {' vs '.join(sorted(values))}")
+    if problems:
+        raise ReportError(
+            f"refusing to build {name}: its rows come from mismatched configurations.\n  - "
+            + "\n  - ".join(problems)
+            + "\nRe-run the affected cells (the sweep re-runs a job whose overrides changed) or move the "
+              "old rows out of the results file.")
+
+
+def current_task_versions(tasks: set[str]) -> dict[str, Any]:
+    from zoexp.tasks import load_spec
+
+    out = {}
+    for task in tasks:
+        try:
+            out[task] = load_spec(task).get("version", 0)
+        except Exception:  # a task this install does not have: nothing to compare with
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- cell selection
+
+
+@dataclass
+class Selection:
+    rows: list[dict]  # the chosen configuration's rows (one per seed)
+    n_configs: int  # configurations that were candidates
+    dev: float | None  # mean dev metric of the chosen configuration (x100)
+    failed: list[dict] = field(default_factory=list)  # rows that did not finish ok
+
+    @property
+    def config(self) -> str:
+        return describe_config(self.rows[0]) if self.rows else ""
+
+
+def select_best(rows: list[dict]) -> Selection:
+    """Among the configurations of ``rows``, the one with the best mean dev metric (ties: first seen)."""
+    failed = [r for r in rows if r.get("status") != "ok"]
+    groups: dict[str, list[dict]] = {}
+    bad: set[str] = set()
+    for row in rows:
+        key = config_key(row)
+        if row.get("status") == "ok":
+            groups.setdefault(key, []).append(row)
+        else:
+            bad.add(key)
+    candidates = {k: g for k, g in groups.items() if k not in bad}
+    if not candidates:
+        return Selection([], 0, None, failed)
+    scored = []
+    for key, group in candidates.items():
+        devs = [quantity(r, "dev") for r in group]
+        dev = statistics.fmean(devs) if all(d is not None for d in devs) else None
+        scored.append((dev, key, group))
+    if len(scored) > 1 and any(dev is None for dev, _, _ in scored):
+        # without a dev metric for every configuration there is no honest way to choose
+        return Selection([], len(scored), None, failed)
+    best = max(scored, key=lambda item: -math.inf if item[0] is None else item[0])
+    group = sorted(best[2], key=lambda r: r.get("seed", 0))
+    return Selection(group, len(scored), best[0], failed)
+
+
+# --------------------------------------------------------------------------- table building
+
+
+@dataclass
+class Cell:
+    row: str
+    column: str
+    quantity: str
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+    text: str | None = None  # a non-numeric value (batch size, device, "OOM", ...)
+    missing: str | None = None  # why there is no value ("no run", "not in the cpu profile", ...)
+    expected: bool = False  # the missing value is by design (paper-only row, not in this profile, ...)
+    reason: str | None = None  # why the cell cannot be run in this project at all (layout `unavailable`)
+    paper: Any = None  # the published value: a number, [mean, std], or the paper's text ("OOM", "> 48G")
+    selection: Selection | None = None
+
+    @property
+    def paper_value(self) -> float | None:
+        value = self.paper[0] if isinstance(self.paper, list) and self.paper else self.paper
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value)
+
+    @property
+    def diff(self) -> float | None:
+        if self.mean is None or self.paper_value is None:
+            return None
+        return self.mean - self.paper_value
+
+    @property
+    def filled(self) -> bool:
+        return self.mean is not None or self.text is not None
+
+
+_PANEL_KEYS = ("select", "quantity", "fmt", "row_header")
+
+
+def panels_of(layout: dict) -> list[dict]:
+    """A layout's panels (sub-tables); a layout without ``panels`` is one panel. Panels inherit the
+    table's ``select``, ``quantity``, ``fmt`` and ``row_header``."""
+    if not layout.get("panels"):
+        return [layout]
+    out = []
+    for panel in layout["panels"]:
+        merged = {k: layout[k] for k in _PANEL_KEYS if k in layout}
+        merged.update(panel)
+        merged["select"] = {**(layout.get("select") or {}), **(panel.get("select") or {})}
+        out.append(merged)
+    return out
+
+
+@dataclass
+class Table:
+    name: str
+    profile: str
+    layout: dict
+    cells: dict[tuple[int, str, str], Cell]  # (panel, row key, column key)
+    rows_file: str
+    n_rows: int
+    memory_source: str = ""
+    models: dict = field(default_factory=dict)  # model role -> the profile's model
+
+    def missing(self) -> list[Cell]:
+        """Cells without a value that a complete run of the profile must fill."""
+        return [c for c in self.cells.values() if not c.filled and c.reason is None and not c.expected]
+
+
+def _failure_text(rows: list[dict]) -> str:
+    messages = " ".join(str(r.get("message", "")) for r in rows).lower()
+    if "out of memory" in messages or "outofmemory" in messages:
+        return "OOM"
+    return "/".join(sorted({str(r.get("status", "?")) for r in rows}))
+
+
+def _profile_models(name: str, profile: str) -> dict:
+    """Which model stands for which paper model in ``profile`` (from the sweep config), to say why a cell
+    was not run; the numbers themselves come from rows only."""
+    try:
+        from zoexp.sweep import load_sweep, profile_spec
+
+        return dict(profile_spec(load_sweep(name), profile).get("models") or {})
+    except Exception:
+        return {}
+
+
+def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check: bool = True) -> Table:
+    """Fill every cell of table ``name`` from ``rows`` (already restricted to the table and profile)."""
+    layout = load_layout(name)
+    if check:
+        check_rows(rows, name, current_task_versions({r.get("task") for r in rows}))
+    models = _profile_models(name, profile)
+    cells: dict[tuple[int, str, str], Cell] = {}
+    sources: set[str] = set()
+    for p, panel in enumerate(panels_of(layout)):
+        paper = panel.get("paper") or {}
+        for lrow in panel["rows"]:
+            for col in panel["columns"]:
+                q = col.get("quantity") or lrow.get("quantity") or panel.get("quantity", "test")
+                cell = Cell(lrow["key"], col["key"], q, paper=(paper.get(lrow["key"]) or {}).get(col["key"]))
+                cells[(p, lrow["key"], col["key"])] = cell
+                if lrow.get("paper_only") or col.get("paper_only"):
+                    cell.missing, cell.expected = "paper only", True
+                elif col.get("aggregate") or col.get("relative"):
+                    pass  # filled below from the other cells of the row
+                elif lrow.get("unavailable") or col.get("unavailable"):
+                    cell.missing, cell.reason = "unavailable", lrow.get("unavailable") or col.get("unavailable")
+                else:
+                    select = {**(panel.get("select") or {}), **(lrow.get("select") or {}), **(col.get("select") or {})}
+                    _fill(cell, select, rows, models, profile, sources)
+        _fill_derived(panel, p, cells)
+    return Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+
+
+def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str, sources: set[str]) -> None:
+    role = select.get("role")
+    if role is not None and models and role in models and models[role] is None:
+        cell.missing, cell.expected = f"not in the {profile} profile", True
+        return
+    chosen = select_best([r for r in rows if matches(r, select)])
+    cell.selection = chosen
+    if not chosen.rows:
+        if chosen.failed:
+            cell.text = _failure_text(chosen.failed)
+        elif chosen.n_configs > 1:
+            cell.missing = f"no dev metric to choose among {chosen.n_configs} configurations"
+        else:
+            cell.missing = "no run"
+        return
+    values = [quantity(r, cell.quantity) for r in chosen.rows]
+    cell.n = len(values)
+    if cell.quantity in TEXT_QUANTITIES:
+        cell.text = ", ".join(sorted({str(v) for v in values}))
+        return
+    if cell.quantity == "memory":
+        sources.update(src for src in (_memory_bytes(r)[1] for r in chosen.rows) if src)
+    values = [v for v in values if v is not None]
+    if not values:
+        cell.missing = f"the rows do not record {cell.quantity}"
+        return
+    cell.mean = statistics.fmean(values)
+    cell.std = statistics.stdev(values) if len(values) > 1 else None
+    cell.n = len(values)
+
+
+def _fill_derived(panel: dict, p: int, cells: dict[tuple[int, str, str], Cell]) -> None:
+    data_cols = [c for c in panel["columns"] if not (c.get("aggregate") or c.get("relative") or c.get("paper_only"))]
+    for lrow in panel["rows"]:
+        if lrow.get("paper_only"):
+            continue
+        for col in panel["columns"]:
+            cell = cells[(p, lrow["key"], col["key"])]
+            if col.get("aggregate") == "mean":  # over the row's columns of the same quantity
+                q = col.get("quantity") or panel.get("quantity", "test")
+                parts = [cells[(p, lrow["key"], c["key"])] for c in data_cols
+                         if (c.get("quantity") or panel.get("quantity", "test")) == q]
+                if parts and all(x.mean is not None for x in parts):
+                    cell.mean = statistics.fmean(x.mean for x in parts)
+                    cell.n = min(x.n for x in parts)
+                else:
+                    cell.missing, cell.expected = "needs every column", True
+            elif col.get("relative"):
+                spec = col["relative"]  # {of: <column key>, to: <row key>}: (ours / baseline row - 1) in %
+                ours = cells[(p, lrow["key"], spec["of"])]
+                base = cells.get((p, spec["to"], spec["of"]))
+                if ours.mean is not None and base is not None and base.mean:
+                    cell.mean = 100.0 * (ours.mean / base.mean - 1.0)
+                    cell.n = ours.n
+                else:
+                    cell.missing, cell.expected = "needs both values", True
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_number(value: Any, kind: str = "f1") -> str:
+    if value is None:
+        return DASH
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # [mean, std] as the paper prints it
+        return f"{fmt_number(value[0], kind)} ± {fmt_number(value[1], kind)}" if len(value) > 1 else fmt_number(value[0], kind)
+    if kind == "min_s":
+        total = int(round(value))
+        return f"{total // 60}min {total % 60:02d}s"
+    if kind == "hours":  # hours as the paper prints them; short runs in minutes or seconds
+        if abs(value) >= 1:
+            return f"{value:.1f}h"
+        return f"{value * 60:.1f}min" if abs(value) * 60 >= 1 else f"{value * 3600:.1f}s"
+    if kind == "text":
+        return str(value)
+    if kind == "rel":
+        return f"{value:+.2f}%"
+    if kind == "int":
+        return f"{value:.0f}"
+    if kind.startswith("gb"):
+        return f"{value:.{int(kind[2:] or 1)}f} GB"
+    if kind.startswith("f") and kind[1:].isdigit():
+        return f"{value:.{int(kind[1:])}f}"
+    return str(value)
+
+
+def _plain(kind: str) -> str:
+    """The number format of a column without its unit (for std and differences)."""
+    if kind.startswith("gb"):
+        return "f" + (kind[2:] or "1")
+    return kind if (kind.startswith("f") and kind[1:].isdigit()) or kind == "int" else "f1"
+
+
+def fmt_ours(cell: Cell, kind: str) -> str:
+    if cell.mean is None:
+        return cell.text if cell.text is not None else DASH
+    text = fmt_number(cell.mean, kind)
+    if cell.std is not None:
+        if kind == "min_s":
+            text += f" ± {cell.std:.0f}s"
+        elif kind == "hours":
+            text += f" ± {fmt_number(cell.std, 'hours')}"
+        else:
+            text += f" ± {fmt_number(cell.std, _plain(kind))}"
+    return text
+
+
+def fmt_diff(cell: Cell, kind: str) -> str:
+    diff = cell.diff
+    if diff is None:
+        return ""
+    sign = "+" if diff >= 0 else "−"
+    if kind == "min_s":
+        return sign + fmt_number(abs(diff), "min_s")
+    if kind == "hours":
+        return sign + fmt_number(abs(diff), "hours")
+    if kind == "rel":
+        return f"{sign}{abs(diff):.2f} pp"
+    return sign + fmt_number(abs(diff), _plain(kind))
+
+
+def grid(table: Table, p: int) -> tuple[list[str], list[list[str]]]:
+    """Panel ``p`` in the paper's layout: for each of the paper's rows a `paper` line, an `ours` line and
+    a `Δ` line (ours − paper). Returns (header, lines)."""
+    panel = panels_of(table.layout)[p]
+    head = list(panel.get("row_header") or ["Method"])
+    header = head + [""] + [c["label"] for c in panel["columns"]]
+    lines = []
+    last_group = None
+    for lrow in panel["rows"]:
+        labels = _row_labels(lrow, len(head))
+        if len(head) > 1:
+            group = labels[0]
+            if group == last_group:
+                labels[0] = ""
+            last_group = group
+        paper_line = labels + ["paper"]
+        ours_line = [""] * len(head) + ["ours"]
+        diff_line = [""] * len(head) + ["Δ"]
+        for col in panel["columns"]:
+            cell = table.cells[(p, lrow["key"], col["key"])]
+            q = col.get("quantity") or lrow.get("quantity") or panel.get("quantity", "test")
+            kind = "text" if q in TEXT_QUANTITIES else (col.get("fmt") or panel.get("fmt") or "f1")
+            paper_line.append(fmt_number(cell.paper, kind))
+            ours_line.append(fmt_ours(cell, kind) if not col.get("paper_only") else "")
+            diff_line.append(fmt_diff(cell, kind))
+        if lrow.get("paper_only"):
+            lines.append(paper_line)
+        elif lrow.get("extra"):
+            lines.append(labels + ["ours (not in paper)"] + ours_line[len(head) + 1:])
+        else:
+            lines.append(paper_line)
+            lines.append(ours_line)
+            if any(diff_line[len(head) + 1:]):
+                lines.append(diff_line)
+    return header, lines
+
+
+def _row_labels(lrow: dict, width: int) -> list[str]:
+    if width == 1:
+        return [str(lrow["label"])]
+    labels = [str(lrow.get("group", "")), str(lrow["label"])]
+    return (labels + [""] * width)[:width]
+
+
+def _models_text(table: Table) -> str:
+    return ", ".join(f"{role} → {model if model else 'not run'}" for role, model in table.models.items())
+
+
+def _label(items: list[dict], key: str) -> str:
+    for item in items:
+        if item["key"] == key:
+            return " ".join(str(x) for x in (item.get("group"), item.get("label")) if x) or key
+    return key
+
+
+def notes(table: Table) -> list[str]:
+    out = ["ours = mean ± std over seeds (std when there are ≥ 2 seeds) for the configuration with the best "
+           "mean dev metric among the cell's runs (selection never looks at test); Δ = ours − paper; "
+           "— = no value (never a made-up number)."]
+    if table.memory_source:
+        out.append(f"memory = peak {table.memory_source} memory of the training phase (of evaluation for methods "
+                   "that do not train), GB = 2^30 bytes.")
+    if "host RSS" in table.memory_source:
+        out.append("host RSS counts the whole process (Python, libraries, data) and never shrinks: training steps "
+                   "that follow a dev evaluation include what the allocator kept from it; compare methods run "
+                   "alike, not with the papers' GPU numbers.")
+    out += [str(n) for n in table.layout.get("notes") or []]
+    missing: dict[str, list[str]] = {}
+    panels = panels_of(table.layout)
+    for (p, r, c), cell in table.cells.items():
+        if cell.filled or cell.missing in (None, "paper only", "needs every column", "needs both values"):
+            continue
+        where = f"{_label(panels[p]['rows'], r)}/{_label(panels[p]['columns'], c)}"
+        missing.setdefault(cell.reason or cell.missing, []).append(where)
+    for reason, where in missing.items():
+        shown = ", ".join(where[:10]) + (f", … ({len(where)} cells)" if len(where) > 10 else "")
+        out.append(f"— {reason}: {shown}")
+    return out
+
+
+def selected_configs(table: Table) -> list[list[str]]:
+    """One line per distinct choice: which configuration a cell's value comes from."""
+    seen: dict[tuple, list[str]] = {}
+    panels = panels_of(table.layout)
+    for (p, r, _c), cell in table.cells.items():
+        sel = cell.selection
+        if sel is None or not sel.rows:
+            continue
+        row0 = sel.rows[0]
+        key = (p, r, row0.get("task"), get_path(row0, "role"), get_path(row0, "variant"), sel.config)
+        if key not in seen:
+            seen[key] = [_label(panels[p]["rows"], r), str(row0.get("task")), str(row0.get("model")),
+                         str(get_path(row0, "variant") or ""), sel.config,
+                         fmt_number(sel.dev, "f1") if sel.dev is not None else DASH,
+                         str(len(sel.rows)), str(sel.n_configs), str(len(sel.failed))]
+    return list(seen.values())
+
+
+def to_markdown(table: Table) -> str:
+    layout = table.layout
+    out = [f"# {layout['title']}", "", f"Source: {layout['source']}  "]
+    if layout.get("setting"):
+        out.append(f"Paper setting: {layout['setting']}  ")
+    models = _models_text(table)
+    out += [f"Ours: profile `{table.profile}`" + (f" ({models})" if models else "")
+            + f"; {table.n_rows} rows from `{table.rows_file}`; rendered {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    for p, panel in enumerate(panels_of(layout)):
+        if panel.get("title") and len(layout.get("panels") or []) > 0:
+            out += [f"**{panel['title']}**", ""]
+        header, lines = grid(table, p)
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" for _ in header) + "|")
+        out += ["| " + " | ".join(x.replace("|", "\\|") for x in line) + " |" for line in lines]
+        out.append("")
+    out += [f"- {n}" for n in notes(table)]
+    configs = selected_configs(table)
+    if configs:
+        out += ["", "Selected configurations (best mean dev metric per cell):", "",
+                "| row | task | model | variant | configuration | dev | seeds | configs tried | failed rows |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        out += ["| " + " | ".join(c) + " |" for c in configs]
+    return "\n".join(out) + "\n"
+
+
+def to_csv(table: Table, path: Path) -> None:
+    """The markdown table as CSV (the paper's layout; one block per panel)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        for p, panel in enumerate(panels_of(table.layout)):
+            header, lines = grid(table, p)
+            if p:
+                writer.writerow([])
+            if panel.get("title") and table.layout.get("panels"):
+                writer.writerow([panel["title"]])
+            writer.writerow(header)
+            writer.writerows(lines)
+
+
+def to_cells_csv(table: Table, path: Path) -> None:
+    """Raw numbers, one line per cell: the machine-readable twin of the table."""
+    names = ["table", "profile", "panel", "row", "column", "quantity", "ours_mean", "ours_std", "ours_n", "ours_text",
+             "missing", "paper", "diff", "configuration", "dev_mean", "configs_tried", "failed_rows"]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        for (p, r, c), cell in table.cells.items():
+            sel = cell.selection
+            writer.writerow({
+                "table": table.name, "profile": table.profile, "panel": p, "row": r, "column": c,
+                "quantity": cell.quantity, "ours_mean": cell.mean, "ours_std": cell.std, "ours_n": cell.n,
+                "ours_text": cell.text, "missing": cell.reason or cell.missing,
+                "paper": json.dumps(cell.paper) if isinstance(cell.paper, list) else cell.paper, "diff": cell.diff,
+                "configuration": sel.config if sel and sel.rows else None, "dev_mean": sel.dev if sel else None,
+                "configs_tried": sel.n_configs if sel else None, "failed_rows": len(sel.failed) if sel else None,
+            })
+
+
+_TEX = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "±": r"$\pm$", "Δ": r"$\Delta$", "—": "---",
+        "−": "$-$", "≤": r"$\leq$", "→": r"$\rightarrow$", "×": r"$\times$", "ν": r"$\nu$", "·": r"$\cdot$"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: Table) -> str:
+    layout = table.layout
+    models = _models_text(table)
+    out = [f"% {layout['title']} -- generated by zoexp-report ({table.profile} profile)",
+           r"\begin{table}[t]", r"\centering", r"\small"]
+    for p, panel in enumerate(panels_of(layout)):
+        header, lines = grid(table, p)
+        n_cols = len(panel["columns"])
+        if panel.get("title") and layout.get("panels"):
+            out.append(r"\textbf{" + tex_escape(panel["title"]) + r"}\\[2pt]")
+        out += [r"\begin{tabular}{" + "l" * (len(header) - n_cols) + "r" * n_cols + "}", r"\toprule",
+                " & ".join(tex_escape(h) for h in header) + r" \\", r"\midrule"]
+        out += [" & ".join(tex_escape(x) for x in line) + r" \\" for line in lines]
+        out += [r"\bottomrule", r"\end{tabular}", r"\par\medskip"]
+    caption = f"{layout['title']}. Paper: {layout['source']} Ours: profile {table.profile}"
+    caption += f" ({models})." if models else "."
+    out += [r"\caption{" + tex_escape(caption) + "}", r"\label{tab:" + f"{table.name}-{table.profile}" + "}",
+            r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def write(table: Table, out_dir: str | Path = "results") -> list[Path]:
+    folder = Path(out_dir) / "tables" / table.profile
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{table.name}{ext}" for ext in (".md", ".csv", ".tex", ".cells.csv")]
+    paths[0].write_text(to_markdown(table), encoding="utf-8")
+    to_csv(table, paths[1])
+    paths[2].write_text(to_latex(table), encoding="utf-8")
+    to_cells_csv(table, paths[3])
+    return paths
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def report(name: str, profile: str = "cpu", results_dir: str | Path = "results", rows: str | Path | None = None,
+           out_dir: str | Path | None = None, figures: bool = True) -> tuple[Table, list[Path]]:
+    path = Path(rows) if rows else rows_path(name, profile, results_dir)
+    table = build(name, profile, load_rows(name, profile, path), rows_file=str(path))
+    written = write(table, out_dir or results_dir)
+    if figures and table.layout.get("figures"):
+        try:
+            from zoexp.figures import draw_figures
+
+            written += draw_figures(table, load_rows(name, profile, path), out_dir or results_dir)
+        except ImportError as exc:  # matplotlib is the optional `report` extra
+            log.warning("figures of %s not drawn (%s); pip install 'zoexp[report]'", name, exc)
+    return table, written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zoexp-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="tables: " + ", ".join(table_names()))
+    parser.add_argument("tables", nargs="+", help="table names (see below), or `all`")
+    parser.add_argument("--profile", default="cpu", choices=PROFILES)
+    parser.add_argument("--results-dir", default="results", help="where the sweeps wrote rows (default: results)")
+    parser.add_argument("--rows", default=None, help="read rows from this JSON-lines file instead")
+    parser.add_argument("--out", default=None, help="output root (tables/ and figures/ under it; default: results-dir)")
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    names = table_names() if args.tables == ["all"] else args.tables
+    status = 0
+    for name in names:
+        path = Path(args.rows) if args.rows else rows_path(name, args.profile, args.results_dir)
+        if args.tables == ["all"] and not path.exists():
+            continue
+        try:
+            table, written = report(name, args.profile, args.results_dir, args.rows, args.out, not args.no_figures)
+        except ReportError as exc:
+            print(f"zoexp-report: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        print(to_markdown(table))
+        print("wrote " + ", ".join(str(p) for p in written))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
