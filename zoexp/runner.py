@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoexp.checkpoint import load_into, save_tensors
 from zoexp.evaluation import evaluate
+from zoexp.icl import with_demonstrations
 from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, build_method
 from zoexp.models import count_params, load_model, resolve_device, resolve_dtype
 from zoexp.results import append_row, git_commit, versions
-from zoexp.scoring import Encoder, lm_loss
+from zoexp.scoring import Encoder, classification_loss, lm_loss, request_tokens
 from zoexp.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,32 @@ class Counters:
     dev_curve: list = field(default_factory=list)
 
 
-def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters):
-    """One forward pass on ``batch``: the loss on the answer tokens. No backward (methods decide)."""
-    n_tokens = sum(len(encoder.encode(ex.prompt, ex.target)[0]) for ex in batch)
+def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
+                 loss: str = "lm"):
+    """One forward pass on ``batch``: the loss on the answer tokens (``lm``), or MeZO's
+    train_as_classification (``classification``: cross-entropy over the candidates' scores).
+    No backward (methods decide)."""
+    loss_fn = {"lm": lm_loss, "classification": classification_loss}[loss]
+    n_tokens = request_tokens(encoder, batch, loss)
 
     def closure():
         counters.forward_passes += 1
         counters.tokens += n_tokens
-        return lm_loss(model, encoder, batch, pad_id)
+        return loss_fn(model, encoder, batch, pad_id)
 
     return closure
+
+
+def training_loss(cfg: DictConfig, task: Task) -> str:
+    """``run.loss``: lm (default) | classification | auto (the task spec's MeZO choice)."""
+    loss = str(cfg.run.get("loss", "lm"))
+    if loss == "auto":
+        return "classification" if task.spec.get("train_as_classification") else "lm"
+    if loss not in ("lm", "classification"):
+        raise ValueError(f"run.loss must be lm, classification or auto, not {loss!r}")
+    if loss == "classification" and task.type != "classification":
+        raise ValueError(f"run.loss=classification needs a classification task; {task.name} is {task.type}")
+    return loss
 
 
 class BestWeights:
@@ -219,7 +236,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     with meter.phase("data"):
         data = task.sample(seed, data_dir=data_dir)
     row.update({"data/train": len(data.train), "data/dev": len(data.dev), "data/test": len(data.test),
-                "data/notes": data.notes, "data/source": str(data_dir) if data_dir else "hub"})
+                "data/notes": data.notes, "data/splits": data.splits,
+                "data/source": str(data_dir) if data_dir else "hub"})
+    loss_kind = training_loss(cfg, task)
 
     with meter.phase("load"):
         model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
@@ -230,13 +249,29 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     optimizer = build_method(cfg.method, model, seed=seed)
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True))
+    max_new = cfg.run.get("max_new_tokens")
+    max_new = int(max_new) if max_new is not None else task.max_new_tokens
+    # In-context learning (method=icl): the first k train examples as demonstrations before every
+    # evaluated example (see zoexp/icl.py); evaluation only, training never sees them.
+    demos = data.train[: int(cfg.method.get("demonstrations") or 0)]
+    if demos:
+        row["icl/demonstrations_requested"] = int(cfg.method.demonstrations)
 
     def run_eval(examples, split: str) -> dict:
         with meter.phase("eval"), _progress(progress_on) as bar:
+            if demos:
+                examples, stats = with_demonstrations(encoder, examples, demos,
+                                                      reserve=max_new if task.type == "generation" else 0)
+                row.update({f"{k}" if split == "test" else f"{k}_{split}": v for k, v in stats.items()})
             job = bar.add_task(f"{split} eval", total=len(examples), info="")
-            return evaluate(model, encoder, task, examples, batch_size=eval_bs,
-                            progress=lambda n: bar.advance(job, n),
-                            max_new_tokens=int(cfg.run.get("max_new_tokens", 50)))
+            t0 = time.perf_counter()
+            result = evaluate(model, encoder, task, examples, batch_size=eval_bs,
+                              progress=lambda n: bar.advance(job, n), max_new_tokens=max_new,
+                              share_prompts=bool(cfg.run.get("eval_share_prompts", True)))
+            if split == "test":
+                seconds = time.perf_counter() - t0
+                row.update({"eval/test_s": seconds, "eval/test_examples_per_s": len(examples) / seconds})
+            return result
 
     metric = task.metric
     best = {"value": -math.inf, "step": None, "metrics": None}
@@ -273,7 +308,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                 with meter.phase("train"):
                     while step < segment_end:
                         batch = [data.train[i] for i in sampler.next()]
-                        closure = make_closure(model, encoder, batch, pad_id, counters)
+                        closure = make_closure(model, encoder, batch, pad_id, counters, loss_kind)
                         t0 = time.perf_counter()
                         loss = float(optimizer.step(closure))
                         t_train += time.perf_counter() - t0
@@ -296,6 +331,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         model.eval()
         row.update({
             "steps": steps,
+            "train/loss_kind": loss_kind,
             "train/final_loss": counters.curve[-1]["loss"] if counters.curve else None,
             "train/time_per_step_s": t_train / max(steps, 1),
             "optimizer_state_bytes": optimizer.state_bytes(),
@@ -312,10 +348,12 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     else:
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0})
 
+    encoder.reset_truncated()  # count the test set's truncated prompts only
     result = run_eval(data.test, "test")
     for key, value in result.items():
         row[f"test/{key}" if key != "n" else "test/n"] = value
     row["eval/truncated_examples"] = encoder.truncated
+    row["eval/max_length"] = encoder.max_length
     if optimizer is not None:
         keeper.cleanup(keep=bool(cfg.run.get("save_best", False)))
     log.info("test %s = %.4f", metric, result[metric])
