@@ -13,7 +13,8 @@ from zoexp.icl import with_demonstrations
 from zoexp.scoring import Encoder, classification_loss, score_candidates
 from zoexp.tasks import Task, load_spec
 
-SCORED = ["sst2", "rte", "cb", "copa", "record", "snli", "trec", "boolq", "multirc", "wsc"]
+SCORED = ["sst2", "cb", "copa", "record", "trec", "boolq"]  # shared prompt, multi-token, empty prompt, passage
+_REFERENCE: dict = {}
 
 
 def _examples(names=SCORED):
@@ -23,6 +24,13 @@ def _examples(names=SCORED):
 def _one_forward_per_candidate(model, enc: Encoder, ex, cand: str) -> float:
     """MeZO's loop: the full sequence of one candidate, batch size 1, log-probs of its tokens, mean."""
     ids, n = enc.encode(ex.prompt, cand, ex.passage)
+    key = (id(model), tuple(ids), n)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _forward_mean(model, ids, n)
+    return _REFERENCE[key]
+
+
+def _forward_mean(model, ids: list[int], n: int) -> float:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float()
     logp = F.log_softmax(logits[:-1], dim=-1)
@@ -176,3 +184,48 @@ def test_demonstrations_are_dropped_from_the_front_to_fit(tiny_llama):
     assert out.prompt.endswith(test.prompt) and "Premise number 5" in out.prompt  # the last ones stay
     assert "Premise number 0" not in out.prompt
     assert max(len(enc.encode(out.prompt, c)[0]) for c in out.candidates) <= 80 and enc.truncated == 0
+
+
+# --------------------------------------------------------------------------- shared-prefix cache
+
+
+def _icl_examples():
+    rte, copa, record = (Task(load_spec(n)) for n in ("rte", "copa", "record"))
+    demos = [rte.render({"premise": f"Premise {i}: the cat sat on the mat near the door.",
+                         "hypothesis": "A cat sat.", "label": i % 2}) for i in range(6)]
+    tests = [rte.render({"premise": f"Test {i} premise.", "hypothesis": "Something.", "label": 0}) for i in range(5)]
+    copas = [copa.render(GOLDEN["copa"][0]) for _ in range(2)]
+    long_record = dict(GOLDEN["record"][0], passage=" ".join(f"w{i}" for i in range(80)) + "\n@highlight\nJapan wins",
+                       entities=["Tokyo", "Japan", "Osaka", "Kyoto"])
+    return demos, tests + copas, [record.render(long_record)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
+def test_prefix_cache_gives_the_same_scores(fixture, request):
+    model, tok = request.getfixturevalue(fixture)
+    demos, tests, records = _icl_examples()
+    enc = Encoder(tok)
+    with_demos, _ = with_demonstrations(enc, tests, demos)
+    examples = with_demos + records
+    cached = score_candidates(model, enc, examples, tok.pad_token_id, batch_size=3, prefix_cache=True)
+    plain = score_candidates(model, enc, examples, tok.pad_token_id, batch_size=3, prefix_cache=False)
+    assert [s for row in cached for s in row] == pytest.approx([s for row in plain for s in row], abs=1e-4)
+
+
+def test_prefix_groups_cover_demonstrations_and_shared_passages(tiny_llama):
+    from zoexp.scoring import classification_requests, shared_prefix_groups
+
+    _, tok = tiny_llama
+    demos, tests, records = _icl_examples()
+    enc = Encoder(tok)
+    with_demos, _ = with_demonstrations(enc, tests, demos)
+    requests = [r for ex in with_demos + records for r in classification_requests(enc, ex)[0]]
+    groups = shared_prefix_groups(requests)
+    sizes = sorted(len(m) for _, m in groups)
+    assert sizes == [4, 9]  # the ReCoRD candidates; 5 RTE + 2x2 COPA requests after the same demonstrations
+    for length, members in groups:
+        head = requests[members[0]].ids[:length]
+        assert all(requests[i].ids[:length] == head and min(p for p, _ in requests[i].reads) >= length
+                   for i in members)
+    # short prompts share nothing worth caching
+    assert shared_prefix_groups([r for ex in tests for r in classification_requests(enc, ex)[0]]) == []

@@ -242,13 +242,16 @@ def classification_requests(encoder: Encoder, ex: Example, share: bool = True) -
 @torch.no_grad()
 def score_candidates(model, encoder: Encoder, examples: Sequence[Example], pad_id: int,
                      batch_size: int = 16, side: str = "right", progress=None,
-                     share: bool = True) -> list[list[float]]:
+                     share: bool = True, prefix_cache: bool = True) -> list[list[float]]:
     """Mean log-likelihood of each candidate's tokens, per example (MeZO's classification score).
 
     Requests of all examples (one per candidate, or one per example when the candidates are single tokens
     after one prompt and ``share``) are sorted by length and batched, ``batch_size`` sequences at a time.
-    MeZO's own loop is ``batch_size=1, share=False``: one forward pass per candidate. ``progress`` is
-    called with the number of examples completed.
+    With ``prefix_cache``, requests that start with the same long run of tokens (ICL demonstrations, a
+    ReCoRD passage under all its candidates) run that prefix once and only their own tokens per request
+    (see ``shared_prefix_groups``); the tokens and the scores are the same as without it.
+    MeZO's own loop is ``batch_size=1, share=False, prefix_cache=False``: one forward per candidate.
+    ``progress`` is called with the number of examples completed.
     """
     flat: list[tuple[int, int | None, Request]] = []  # (example, candidate or None=shared, request)
     pending = [0] * len(examples)
@@ -260,12 +263,11 @@ def score_candidates(model, encoder: Encoder, examples: Sequence[Example], pad_i
             flat.extend((e, c, r) for c, r in enumerate(requests))
         pending[e] = len(requests)
     scores: list[list[float]] = [[float("nan")] * len(ex.candidates) for ex in examples]
-    order = sorted(range(len(flat)), key=lambda i: len(flat[i][2].ids), reverse=True)
-    for start in range(0, len(order), batch_size):
-        chunk = [flat[i] for i in order[start:start + batch_size]]
-        results = read_logprobs(model, [r for _, _, r in chunk], pad_id, side)
+
+    def collect(indices: list[int], results) -> None:
         done = 0
-        for (e, c, _), reads in zip(chunk, results):
+        for i, reads in zip(indices, results):
+            e, c, _ = flat[i]
             if c is None:
                 scores[e] = reads[0].tolist()
             else:
@@ -274,4 +276,93 @@ def score_candidates(model, encoder: Encoder, examples: Sequence[Example], pad_i
             done += pending[e] == 0
         if progress is not None and done:
             progress(done)
+
+    requests = [r for _, _, r in flat]
+    groups = shared_prefix_groups(requests) if prefix_cache else []
+    for prefix_len, members in groups:
+        for indices, results in read_logprobs_with_prefix(model, requests, members, prefix_len, pad_id, batch_size):
+            collect(indices, results)
+    grouped = {i for _, members in groups for i in members}
+    rest = sorted((i for i in range(len(flat)) if i not in grouped), key=lambda i: len(requests[i].ids), reverse=True)
+    for start in range(0, len(rest), batch_size):
+        chunk = rest[start:start + batch_size]
+        collect(chunk, read_logprobs(model, [requests[i] for i in chunk], pad_id, side))
     return scores
+
+
+def shared_prefix_groups(requests: Sequence[Request], min_tokens: int = 48) -> list[tuple[int, list[int]]]:
+    """Groups of at least two requests that start with the same ``>= min_tokens`` tokens, as
+    (prefix length, request indices). The prefix ends before each member's first read position, so every
+    score is read from the member's own tokens. Requests are sorted by their token ids and grouped
+    greedily; a request joins the open group if it keeps at least half of the group's prefix."""
+    order = sorted(range(len(requests)), key=lambda i: requests[i].ids)
+    groups: list[tuple[int, list[int]]] = []
+    head: list[int] = []
+    length, members = 0, []
+    for i in order:
+        r = requests[i]
+        limit = min(pos for pos, _ in r.reads)
+        common = _common_length(head, r.ids, min(length, limit))
+        if members and common >= max(min_tokens, length // 2):
+            members.append(i)
+            length = common
+            continue
+        if len(members) >= 2 and length >= min_tokens:
+            groups.append((length, members))
+        head, length, members = r.ids, limit, [i]
+    if len(members) >= 2 and length >= min_tokens:
+        groups.append((length, members))
+    return groups
+
+
+def _common_length(a: list[int], b: list[int], limit: int) -> int:
+    n = min(limit, len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+# Key/value memory that the prefix's cache may take once repeated for a batch (it is copied per row).
+PREFIX_CACHE_BYTES = 512 * 2**20
+
+
+def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[int], prefix_len: int,
+                              pad_id: int, batch_size: int):
+    """Yields (request indices, their reads' log-probs) for ``members``, whose first ``prefix_len`` tokens
+    are equal: the prefix runs once with a key/value cache; each batch runs only the members' own tokens
+    (right-padded) after a copy of that cache, with positions counted from the end of the prefix."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prefix = torch.tensor([requests[members[0]].ids[:prefix_len]], device=device)
+    out = model.base_model(input_ids=prefix, use_cache=True)
+    layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    row_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+    rows = max(1, min(batch_size, PREFIX_CACHE_BYTES // max(row_bytes, 1)))
+    head = model.get_output_embeddings()
+    order = sorted(members, key=lambda i: len(requests[i].ids), reverse=True)
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        ids, mask, positions = collate([requests[i].ids[prefix_len:] for i in chunk], pad_id, device, "right")
+        b = len(chunk)
+        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers],
+                             config=model.config)
+        full_mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
+        hidden = model.base_model(input_ids=ids, attention_mask=full_mask, position_ids=positions + prefix_len,
+                                  past_key_values=cache, use_cache=True)[0]
+        rows_idx, cols = [], []
+        for row, i in enumerate(chunk):
+            for pos, _ in requests[i].reads:
+                rows_idx.append(row)
+                cols.append(pos - prefix_len)
+        logits = head(hidden[torch.tensor(rows_idx, device=device), torch.tensor(cols, device=device)]).float()
+        logprobs = F.log_softmax(logits, dim=-1)
+        results, k = [], 0
+        for i in chunk:
+            per = []
+            for _, tokens in requests[i].reads:
+                per.append(logprobs[k, torch.tensor(tokens, device=device)])
+                k += 1
+            results.append(per)
+        yield chunk, results
