@@ -229,3 +229,32 @@ def test_prefix_groups_cover_demonstrations_and_shared_passages(tiny_llama):
                    for i in members)
     # short prompts share nothing worth caching
     assert shared_prefix_groups([r for ex in tests for r in classification_requests(enc, ex)[0]]) == []
+
+
+def test_greedy_decoding_equals_transformers_generate(tiny_llama):
+    model, tok = tiny_llama
+    model = _peaked(model)
+    prompt = "Passage: some words here.\nQuestion: what?\nAnswer:"
+    ours = generate(model, Encoder(tok), [prompt], batch_size=1, max_new_tokens=6, stop=None)[0]
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                         eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    assert ours == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_generation_with_a_cached_prefix_equals_without(tiny_llama):
+    model, tok = tiny_llama
+    model = _peaked(model)
+    task = Task(load_spec("squad"))
+    demos = [task.render(dict(GOLDEN["squad"][0], context=f"Demo {i}: " + "the game was played " * 8))
+             for i in range(3)]
+    tests = [task.render(dict(GOLDEN["squad"][0], question=q)) for q in ("Who won?", "Who lost the game?", "When?")]
+    enc = Encoder(tok)
+    examples, _ = with_demonstrations(enc, tests, demos, reserve=6)
+    from zoexp.scoring import Request, shared_prefix_groups
+
+    ids = [enc.prompt_ids(ex.prompt, ex.passage, reserve=6) for ex in examples]
+    assert shared_prefix_groups([Request(i, [(len(i) - 1, [])]) for i in ids])  # the cache is exercised
+    cached = generate(model, enc, examples, batch_size=2, max_new_tokens=6, stop=None, prefix_cache=True)
+    plain = generate(model, enc, examples, batch_size=2, max_new_tokens=6, stop=None, prefix_cache=False)
+    assert cached == plain and any(cached)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from zoexp.metrics import exact_match, f1
-from zoexp.scoring import Encoder, score_candidates
+from zoexp.scoring import Encoder, Request, score_candidates, shared_prefix_groups
 from zoexp.tasks import Example, Task
 
 
@@ -47,14 +47,15 @@ def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], b
 @torch.no_grad()
 def generate(model, encoder: Encoder, examples: Sequence[Example | str], batch_size: int = 8,
              max_new_tokens: int = 50, stop: str | None = "\n",
-             progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy decoding, left-padded batches sorted by length; text is cut at the first ``stop``.
+             progress: Callable[[int], None] | None = None, prefix_cache: bool = True) -> list[str]:
+    """Greedy decoding of batches of prompts sorted by length; text is cut at the first ``stop``.
 
-    Prompts are truncated to ``max_length - max_new_tokens`` tokens (the passage first, as MeZO keeps room
-    for the answer). Position ids count real tokens only, so padding does not change the result.
+    Prompts are truncated to ``max_length - max_new_tokens`` tokens (the passage first: MeZO keeps room
+    for the answer). Prompts left-padded in a batch, position ids counting real tokens only, so padding
+    does not change the result. With ``prefix_cache``, prompts that start with the same long run of tokens
+    (ICL demonstrations) run it once, as in candidate scoring.
     """
     tok = encoder.tok
-    device = next(model.parameters()).device
     stop_ids = [tok.eos_token_id]
     if stop:
         stop_tokens = tok(stop, add_special_tokens=False)["input_ids"]
@@ -64,23 +65,77 @@ def generate(model, encoder: Encoder, examples: Sequence[Example | str], batch_s
     for ex in examples:
         prompt, passage = (ex, None) if isinstance(ex, str) else (ex.prompt, ex.passage)
         encoded.append(encoder.prompt_ids(prompt, passage, reserve=max_new_tokens))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    requests = [Request(ids, [(len(ids) - 1, [])]) for ids in encoded]
+    groups = shared_prefix_groups(requests) if prefix_cache else []
+    grouped = {i for _, members in groups for i in members}
+    jobs = [(length, members) for length, members in groups] + [(0, [i for i in range(len(encoded)) if i not in grouped])]
     outputs: list[str] = [""] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        longest = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), longest), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            ids[row, longest - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, longest - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id)
-        for row, i in enumerate(idx):
-            text = tok.decode(out[row, longest:], skip_special_tokens=True)
-            if stop and stop in text:
-                text = text[: text.index(stop)]
-            outputs[i] = text.strip()
-        if progress is not None:
-            progress(len(idx))
+    for prefix_len, members in jobs:
+        if not members:
+            continue
+        layers = _prefix_cache(model, encoded[members[0]][:prefix_len]) if prefix_len else None
+        order = sorted(members, key=lambda i: len(encoded[i]), reverse=True)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            new_tokens = _greedy(model, layers, prefix_len, [encoded[i][prefix_len:] for i in idx],
+                                 max_new_tokens, stop_ids, tok.pad_token_id)
+            for i, tokens in zip(idx, new_tokens):
+                text = tok.decode(tokens, skip_special_tokens=True)
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+                outputs[i] = text.strip()
+            if progress is not None:
+                progress(len(idx))
     return outputs
+
+
+def _prefix_cache(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    device = next(model.parameters()).device
+    out = model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+
+def _greedy(model, layers, prefix_len: int, prompts: list[list[int]], max_new_tokens: int,
+            stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """Greedy continuation of left-padded ``prompts`` (after a cached prefix of ``prefix_len`` tokens, if
+    any) with a key/value cache; each row stops at its first stop token (not included)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, longest), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+        mask[row, longest - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+    if layers:
+        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers],
+                             config=model.config)
+        mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
+    else:
+        cache = DynamicCache(config=model.config)
+    head = model.get_output_embeddings()
+    stops = torch.tensor(stop_ids, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    generated = []
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              past_key_values=cache, use_cache=True)[0]
+    for step in range(max_new_tokens):
+        token = head(hidden[:, -1]).argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        finished |= torch.isin(token, stops)
+        generated.append(token)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        hidden = model.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True)[0]
+    out = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(b)]
+    result = []
+    for row in out:
+        cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+        result.append(row[:cut])
+    return result
