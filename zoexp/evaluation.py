@@ -15,12 +15,13 @@ from zoexp.tasks import Example, Task
 @torch.no_grad()
 def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], batch_size: int = 16,
              progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None,
-             share_prompts: bool = True) -> dict:
+             share_prompts: bool = True, prefix_cache: bool = True) -> dict:
     """Metrics of ``task`` on ``examples``, e.g. {"acc": 0.81, "n": 1000}.
 
     Classification: the candidate with the highest mean log-likelihood; correct if it is one of the gold
     candidates. Generation: greedy decoding up to ``max_new_tokens`` (default: the task's), cut at the
-    task's ``stop`` string; F1 and exact match, max over the gold answers.
+    task's ``stop`` string; F1 and exact match, max over the gold answers. ``share_prompts`` and
+    ``prefix_cache`` only change the speed (see ``zoexp.scoring.score_candidates``).
     """
     was_training = model.training
     model.eval()
@@ -29,12 +30,13 @@ def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], b
             return {task.metric: float("nan"), "n": 0}
         if task.type == "classification":
             scores = score_candidates(model, encoder, examples, encoder.tok.pad_token_id, batch_size,
-                                      progress=progress, share=share_prompts)
+                                      progress=progress, share=share_prompts, prefix_cache=prefix_cache)
             predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
             correct = [p in ex.gold_labels for p, ex in zip(predictions, examples)]
             return {"acc": sum(correct) / len(examples), "n": len(examples)}
         max_new = int(max_new_tokens if max_new_tokens is not None else task.max_new_tokens)
-        outputs = generate(model, encoder, examples, batch_size, max_new, stop=task.stop, progress=progress)
+        outputs = generate(model, encoder, examples, batch_size, max_new, stop=task.stop, progress=progress,
+                           prefix_cache=prefix_cache)
         return {
             "f1": sum(f1(o, ex.answers) for o, ex in zip(outputs, examples)) / len(examples),
             "em": sum(exact_match(o, ex.answers) for o, ex in zip(outputs, examples)) / len(examples),

@@ -267,7 +267,8 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             t0 = time.perf_counter()
             result = evaluate(model, encoder, task, examples, batch_size=eval_bs,
                               progress=lambda n: bar.advance(job, n), max_new_tokens=max_new,
-                              share_prompts=bool(cfg.run.get("eval_share_prompts", True)))
+                              share_prompts=bool(cfg.run.get("eval_share_prompts", True)),
+                              prefix_cache=bool(cfg.run.get("eval_prefix_cache", True)))
             if split == "test":
                 seconds = time.perf_counter() - t0
                 row.update({"eval/test_s": seconds, "eval/test_examples_per_s": len(examples) / seconds})
