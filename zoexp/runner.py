@@ -354,6 +354,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     for key, value in result.items():
         row[f"test/{key}" if key != "n" else "test/n"] = value
     row["eval/truncated_examples"] = encoder.truncated
+    if encoder.truncated:
+        log.warning("%d test prompts were longer than %d tokens and lost text from the left of their passage",
+                    encoder.truncated, encoder.max_length)
     row["eval/max_length"] = encoder.max_length
     if optimizer is not None:
         keeper.cleanup(keep=bool(cfg.run.get("save_best", False)))
