@@ -38,7 +38,7 @@ def loss_weight(encoder, batch, loss: str = "lm") -> int:
     """What the training loss of ``batch`` averages over: answer tokens (``lm``) or examples."""
     if loss == "classification":
         return len(batch)
-    return sum(encoder.encode(ex.prompt, ex.target)[1] for ex in batch)
+    return sum(encoder.encode(ex.prompt, ex.target, ex.passage)[1] for ex in batch)
 
 
 class Single:

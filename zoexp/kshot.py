@@ -19,17 +19,19 @@ log = logging.getLogger(__name__)
 def sample_k_shot(task, seed: int, data_dir, k: int, num_test: int):
     from zoexp.tasks import DataError, TaskData
 
-    spec = task.spec
-    splits = spec.get("splits", {"train": "train", "test": "validation"})
-    train_split, test_split = splits.get("train"), splits["test"]
+    train_split = task.resolve_split("train", data_dir)
+    test_split = task.resolve_split("test", data_dir)
     notes: list[str] = []
-    if train_split and task.has_split(train_split, data_dir):
-        pool_rows = task.load_split(train_split, data_dir)
-        test_rows = task.load_split(test_split, data_dir)
+    if test_split is None:
+        raise DataError(f"task {task.name}: no test split {task._split_names('test')} in "
+                        f"{task._folder(data_dir) if data_dir else 'the hub'}")
+    if train_split and train_split != test_split:
+        pool_rows = task._rows(train_split, data_dir, notes)
+        test_rows = task._rows(test_split, data_dir, notes)
         pool_order = np.random.RandomState(seed).permutation(len(pool_rows)).tolist()
         test_idx = np.random.RandomState(seed).permutation(len(test_rows)).tolist()[:num_test]
     else:
-        pool_rows = test_rows = task.load_split(test_split, data_dir)
+        pool_rows = test_rows = task._rows(test_split, data_dir, notes)
         order = np.random.RandomState(seed).permutation(len(pool_rows)).tolist()
         n_test = min(num_test, len(pool_rows) // 2)
         test_idx, pool_order = order[:n_test], order[n_test:]
@@ -63,9 +65,7 @@ def sample_k_shot(task, seed: int, data_dir, k: int, num_test: int):
     for note in notes:
         log.warning("task %s: %s", task.name, note)
     test = [task.render(test_rows[i], i) for i in test_idx]
-    extra = {}
-    if "splits" in getattr(TaskData, "__dataclass_fields__", {}):  # where the sets came from, if recorded
-        one = pool_rows is test_rows
-        extra["splits"] = {"train": test_split if one else train_split, "dev": test_split if one else train_split,
-                           "test": test_split, "disjoint_from_one_split": one, "k_shot": k}
-    return TaskData(train=train, dev=dev, test=test, notes=notes, **extra)
+    one = pool_rows is test_rows
+    splits = {"train": test_split if one else train_split, "dev": test_split if one else train_split,
+              "test": test_split, "disjoint_from_one_split": one, "k_shot": k}
+    return TaskData(train=train, dev=dev, test=test, notes=notes, splits=splits)

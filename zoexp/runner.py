@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from zoexp import distributed, resume
 from zoexp.checkpoint import file_crc32, load_into, save_tensors
 from zoexp.evaluation import evaluate
+from zoexp.icl import with_demonstrations
 from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, build_method
 from zoexp.models import count_params, load_model, model_devices, resolve_device, resolve_dtype
 from zoexp.results import append_row, git_commit, versions
 from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
-from zoexp.scoring import Encoder, lm_loss
+from zoexp.scoring import Encoder, classification_loss, lm_loss, request_tokens
 from zoexp.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -81,32 +82,47 @@ class Counters:
     dev_curve: list = field(default_factory=list)
 
 
-def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters):
-    """One forward pass on ``batch``: the loss on the answer tokens. No backward (methods decide).
+def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
+                 loss: str = "lm"):
+    """One forward pass on ``batch``: the loss on the answer tokens (``lm``), or MeZO's
+    train_as_classification (``classification``: cross-entropy over the candidates' scores).
+    No backward (methods decide).
 
     ``closure(part, parts)`` (gradient accumulation) runs only the ``part``-th of ``parts`` contiguous
-    slices of the batch and scales its mean loss by the slice's share of the batch's answer tokens, so
-    the parts' losses -- and their gradients -- add up to those of the whole batch. The parts of one
-    batch count as one forward pass.
+    slices of the batch and scales its mean loss by the slice's share of the batch's loss weight (answer
+    tokens, or examples for ``classification``), so the parts' losses -- and their gradients -- add up
+    to those of the whole batch. The parts of one batch count as one forward pass.
     """
-    encoded = [encoder.encode(ex.prompt, ex.target) for ex in batch]
-    n_tokens = [len(ids) for ids, _ in encoded]
-    n_answer = [n for _, n in encoded]
+    loss_fn = {"lm": lm_loss, "classification": classification_loss}[loss]
+    n_tokens = [request_tokens(encoder, [ex], loss) for ex in batch]
+    weights = [distributed.loss_weight(encoder, [ex], loss) for ex in batch]
 
     def closure(part: int = 0, parts: int = 1):
         if parts == 1:
             counters.forward_passes += 1
             counters.tokens += sum(n_tokens)
-            return lm_loss(model, encoder, batch, pad_id)
+            return loss_fn(model, encoder, batch, pad_id)
         if not 0 <= part < parts <= len(batch):
             raise ValueError(f"cannot split a batch of {len(batch)} examples into {parts} parts (part {part}); "
                              "accumulation steps must not exceed run.batch_size")
         lo, hi = part * len(batch) // parts, (part + 1) * len(batch) // parts
         counters.forward_passes += part == 0
         counters.tokens += sum(n_tokens[lo:hi])
-        return lm_loss(model, encoder, batch[lo:hi], pad_id) * (sum(n_answer[lo:hi]) / sum(n_answer))
+        return loss_fn(model, encoder, batch[lo:hi], pad_id) * (sum(weights[lo:hi]) / sum(weights))
 
     return closure
+
+
+def training_loss(cfg: DictConfig, task: Task) -> str:
+    """``run.loss``: lm (default) | classification | auto (the task spec's MeZO choice)."""
+    loss = str(cfg.run.get("loss", "lm"))
+    if loss == "auto":
+        return "classification" if task.spec.get("train_as_classification") else "lm"
+    if loss not in ("lm", "classification"):
+        raise ValueError(f"run.loss must be lm, classification or auto, not {loss!r}")
+    if loss == "classification" and task.type != "classification":
+        raise ValueError(f"run.loss=classification needs a classification task; {task.name} is {task.type}")
+    return loss
 
 
 class BestWeights:
@@ -325,7 +341,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     with meter.phase("data"):
         data = task.sample(seed, data_dir=data_dir)
     row.update({"data/train": len(data.train), "data/dev": len(data.dev), "data/test": len(data.test),
-                "data/notes": data.notes, "data/source": str(data_dir) if data_dir else "hub"})
+                "data/notes": data.notes, "data/splits": data.splits,
+                "data/source": str(data_dir) if data_dir else "hub"})
+    loss_kind = training_loss(cfg, task)
 
     with meter.phase("load"):
         model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
@@ -341,21 +359,39 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     optimizer = build_method(cfg.method, model, seed=seed)
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True)) and dist.is_main
+    max_new = cfg.run.get("max_new_tokens")
+    max_new = int(max_new) if max_new is not None else task.max_new_tokens
+    # In-context learning (method=icl): the first k train examples as demonstrations before every
+    # evaluated example (see zoexp/icl.py); evaluation only, training never sees them.
+    demos = data.train[: int(cfg.method.get("demonstrations") or 0)]
+    if demos:
+        row["icl/demonstrations_requested"] = int(cfg.method.demonstrations)
 
     bar = _progress(progress_on)  # one live display for the whole run: training and eval bars
 
     def run_eval(examples, split: str) -> dict:
+        if demos:
+            examples, stats = with_demonstrations(encoder, examples, demos,
+                                                  reserve=max_new if task.type == "generation" else 0)
+            row.update({f"{k}" if split == "test" else f"{k}_{split}": v for k, v in stats.items()})
+
         def score(shard) -> dict:
             job = bar.add_task(f"{split} eval", total=len(shard), info="")
             try:
                 with meter.phase("eval"):
                     return evaluate(model, encoder, task, shard, batch_size=eval_bs,
-                                    progress=lambda n: bar.advance(job, n),
-                                    max_new_tokens=int(cfg.run.get("max_new_tokens", 50)))
+                                    progress=lambda n: bar.advance(job, n), max_new_tokens=max_new,
+                                    share_prompts=bool(cfg.run.get("eval_share_prompts", True)),
+                                    prefix_cache=bool(cfg.run.get("eval_prefix_cache", True)))
             finally:
                 bar.remove_task(job)
 
-        return dist.evaluate(score, examples)  # [scale-out] each rank scores its shard
+        t0 = time.perf_counter()
+        result = dist.evaluate(score, examples)  # [scale-out] each rank scores its shard
+        if split == "test":
+            seconds = time.perf_counter() - t0
+            row.update({"eval/test_s": seconds, "eval/test_examples_per_s": len(examples) / max(seconds, 1e-9)})
+        return result
 
     metric = task.metric
     best = {"value": -math.inf, "step": None, "metrics": None}
@@ -429,9 +465,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                     while step < segment_end and not dist.stop_requested():
                         batch = [data.train[i] for i in sampler.next()]
                         shard = dist.shard(batch)  # [scale-out] this rank's part of the global batch
-                        closure = make_closure(model, encoder, shard, pad_id, counters)
-                        closure = dist.wrap_closure(closure, distributed.loss_weight(encoder, shard),
-                                                    distributed.loss_weight(encoder, batch))
+                        closure = make_closure(model, encoder, shard, pad_id, counters, loss_kind)
+                        closure = dist.wrap_closure(closure, distributed.loss_weight(encoder, shard, loss_kind),
+                                                    distributed.loss_weight(encoder, batch, loss_kind))
                         t0 = time.perf_counter()
                         loss = float(optimizer.step(closure))
                         t_train += time.perf_counter() - t0
@@ -459,6 +495,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         tokens = int(dist.sum(counters.tokens))  # [scale-out] all ranks' shards
         row.update({
             "steps": steps,
+            "train/loss_kind": loss_kind,
             "train/final_loss": counters.curve[-1]["loss"] if counters.curve else None,
             "train/time_per_step_s": t_train / max(steps, 1),
             "optimizer_state_bytes": optimizer.state_bytes(),
@@ -480,11 +517,16 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0,
                     "optimizer_grad_bytes_max": 0})
 
+    encoder.reset_truncated()  # count the test set's truncated prompts only
     with bar, guard.armed():  # [scale-out] a signal now lets the test evaluation finish (the run is complete)
         result = run_eval(data.test, "test")
     for key, value in result.items():
         row[f"test/{key}" if key != "n" else "test/n"] = value
     row["eval/truncated_examples"] = encoder.truncated
+    if encoder.truncated:
+        log.warning("%d test prompts were longer than %d tokens and lost text from the left of their passage",
+                    encoder.truncated, encoder.max_length)
+    row["eval/max_length"] = encoder.max_length
     if optimizer is not None:
         keeper.cleanup(keep=bool(cfg.run.get("save_best", False)))
     log.info("test %s = %.4f", metric, result[metric])

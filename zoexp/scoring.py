@@ -27,34 +27,78 @@ class Request:
 
 
 class Encoder:
-    """Tokenises (prompt, continuation) pairs: the prompt is truncated from the left to fit ``max_length``.
+    """Tokenises (prompt, continuation) pairs and makes them fit ``max_length`` tokens.
 
     The split between prompt and continuation tokens is read from the character offsets of the
     tokenised full text (robust to tokenizers that merge a leading space, add a dummy prefix, ...).
+    A prompt that yields no token at all (e.g. TREC's empty prompt) is preceded by the start-of-text
+    token (BOS, else EOS), so the first continuation token has something to be predicted from.
+
+    Too long: if the example marks a passage (``passage`` = [start, end) characters of the prompt), whole
+    tokens are cut from the left of the passage only, so the question and the answer stay intact; what
+    is still too long (or an unmarked prompt) loses tokens from the left of the prompt. The continuation
+    is never cut. ``truncated`` counts the distinct prompts that lost text.
     """
 
     def __init__(self, tokenizer, max_length: int = 2048):
         self.tok = tokenizer
         self.max_length = int(max_length)
-        self.truncated = 0  # examples whose prompt lost tokens to truncation
-        self._cache: dict[tuple[str, str], tuple[list[int], int]] = {}
+        self._truncated: set = set()
+        self._cache: dict[tuple, tuple[list[int], int]] = {}
 
-    def encode(self, prompt: str, continuation: str) -> tuple[list[int], int]:
-        """Token ids of prompt+continuation and the number of continuation tokens at the end."""
-        key = (prompt, continuation)
+    @property
+    def truncated(self) -> int:
+        return len(self._truncated)
+
+    def reset_truncated(self) -> None:
+        self._truncated.clear()
+
+    def encode(self, prompt: str, continuation: str, passage: tuple[int, int] | None = None,
+               reserve: int = 0) -> tuple[list[int], int]:
+        """Token ids of prompt+continuation and the number of continuation tokens at the end.
+
+        ``reserve`` tokens of ``max_length`` are kept free (generation: the new tokens).
+        """
+        key = (prompt, continuation, passage, reserve)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
+        limit = self.max_length - reserve
         ids, n_cont = self._split(prompt, continuation)
-        if len(ids) > self.max_length:
-            keep_bos = 1 if (self.tok.bos_token_id is not None and ids and ids[0] == self.tok.bos_token_id) else 0
-            excess = len(ids) - self.max_length
-            if excess > len(ids) - n_cont - keep_bos:
-                raise ValueError(f"continuation of {n_cont} tokens does not fit max_length={self.max_length}")
-            ids = ids[:keep_bos] + ids[keep_bos + excess:]
-            self.truncated += 1
+        if len(ids) > limit:
+            self._truncated.add((prompt, passage))
+            if passage is not None and getattr(self.tok, "is_fast", False):
+                ids, n_cont = self._cut_passage(prompt, continuation, passage, limit)
+            if len(ids) > limit:
+                ids = self._cut_left(ids, n_cont, limit)
         self._cache[key] = (ids, n_cont)
         return ids, n_cont
+
+    def _cut_left(self, ids: list[int], n_cont: int, limit: int) -> list[int]:
+        keep_bos = 1 if (self.tok.bos_token_id is not None and ids and ids[0] == self.tok.bos_token_id) else 0
+        excess = len(ids) - limit
+        if excess > len(ids) - n_cont - keep_bos:
+            raise ValueError(f"continuation of {n_cont} tokens does not fit max_length={limit}")
+        return ids[:keep_bos] + ids[keep_bos + excess:]
+
+    def _cut_passage(self, prompt: str, continuation: str, passage: tuple[int, int],
+                     limit: int) -> tuple[list[int], int]:
+        """Drop whole tokens from the left of the passage until prompt+continuation fits (a few re-tokenisations:
+        removing text can change how the characters around the cut merge)."""
+        start, end = passage
+        for _ in range(8):
+            enc = self.tok(prompt + continuation, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            excess = len(ids) - limit
+            if excess <= 0:
+                break
+            inside = [i for i, (s, e) in enumerate(offsets) if s >= start and e <= end and e > s]
+            if not inside:
+                break
+            cut = offsets[inside[excess]][0] if excess < len(inside) else end
+            prompt = prompt[:start] + prompt[cut:]
+            end -= cut - start
+        return self._split(prompt, continuation)
 
     def _split(self, prompt: str, continuation: str) -> tuple[list[int], int]:
         text = prompt + continuation
@@ -74,21 +118,26 @@ class Encoder:
                     break
             if tail_specials:
                 ids = ids[: len(ids) - tail_specials]
-            return list(ids), n_cont
-        prompt_ids = self.tok(prompt)["input_ids"]
-        cont_ids = self.tok(continuation, add_special_tokens=False)["input_ids"]
-        return list(prompt_ids) + list(cont_ids), len(cont_ids)
+            ids = list(ids)
+        else:
+            prompt_ids = self.tok(prompt)["input_ids"] if prompt else []
+            cont_ids = self.tok(continuation, add_special_tokens=False)["input_ids"]
+            ids, n_cont = list(prompt_ids) + list(cont_ids), len(cont_ids)
+        if continuation and n_cont == len(ids):
+            start_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+            ids = [start_id] + ids
+        return ids, n_cont
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        ids = list(self.tok(prompt)["input_ids"])
-        if len(ids) > self.max_length:
-            keep_bos = 1 if (self.tok.bos_token_id is not None and ids[0] == self.tok.bos_token_id) else 0
-            ids = ids[:keep_bos] + ids[keep_bos + len(ids) - self.max_length:]
-            self.truncated += 1
-        return ids
+    def length(self, prompt: str, continuation: str = "") -> int:
+        """Tokens of prompt+continuation before any truncation."""
+        return len(self._split(prompt, continuation)[0])
 
-    def continuation_request(self, prompt: str, continuation: str) -> Request:
-        ids, n_cont = self.encode(prompt, continuation)
+    def prompt_ids(self, prompt: str, passage: tuple[int, int] | None = None, reserve: int = 0) -> list[int]:
+        """Token ids of a prompt to generate from, fitting ``max_length - reserve``."""
+        return self.encode(prompt, "", passage, reserve)[0]
+
+    def continuation_request(self, prompt: str, continuation: str, passage: tuple[int, int] | None = None) -> Request:
+        ids, n_cont = self.encode(prompt, continuation, passage)
         start = len(ids) - n_cont
         return Request(ids, [(t - 1, [ids[t]]) for t in range(start, len(ids))])
 
@@ -148,47 +197,178 @@ def lm_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> t
 
     if mlm.is_masked_lm(model):  # masked-LM prompts (HZO Table 6): the loss at the mask, zoexp.mlm
         return mlm.mlm_loss(model, encoder, batch, pad_id)
-    requests = [encoder.continuation_request(ex.prompt, ex.target) for ex in batch]
+    requests = [encoder.continuation_request(ex.prompt, ex.target, ex.passage) for ex in batch]
     per_request = read_logprobs(model, requests, pad_id)
     token_logprobs = torch.cat([torch.cat(reads) for reads in per_request])
     return -token_logprobs.mean()
 
 
-def classification_requests(encoder: Encoder, ex: Example) -> tuple[list[Request], str]:
+def classification_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
+    """MeZO's ``train_as_classification``: cross-entropy of the gold candidate against all candidates, the
+    logit of a candidate being its mean token log-likelihood (the evaluation score). One forward pass over
+    the requests of the whole batch; averaged over examples."""
+    if any(not ex.candidates for ex in batch):
+        raise ValueError("run.loss=classification needs a classification task (candidates)")
+    flat, kinds = [], []
+    for ex in batch:
+        requests, kind = classification_requests(encoder, ex)
+        flat.extend(requests)
+        kinds.append((kind, len(requests)))
+    results = read_logprobs(model, flat, pad_id)
+    losses, k = [], 0
+    for ex, (kind, n) in zip(batch, kinds):
+        if kind == "shared":
+            scores = results[k][0]
+        else:
+            scores = torch.stack([torch.cat(reads).mean() for reads in results[k:k + n]])
+        k += n
+        losses.append(-F.log_softmax(scores, dim=-1)[ex.label])
+    return torch.stack(losses).mean()
+
+
+def request_tokens(encoder: Encoder, batch: Sequence[Example], loss: str = "lm") -> int:
+    """Tokens one training forward pass processes (for the tokens/s figures)."""
+    if loss == "classification":
+        return sum(len(r.ids) for ex in batch for r in classification_requests(encoder, ex)[0])
+    return sum(len(encoder.encode(ex.prompt, ex.target, ex.passage)[0]) for ex in batch)
+
+
+def classification_requests(encoder: Encoder, ex: Example, share: bool = True) -> tuple[list[Request], str]:
     """Requests that score every candidate of ``ex``: one shared request if all candidates are single
-    tokens after the same prompt tokens, else one request per candidate. Returns (requests, kind)."""
-    encoded = [encoder.encode(ex.prompt, c) for c in ex.candidates]
+    tokens after the same prompt tokens (and ``share``), else one request per candidate.
+    Returns (requests, kind)."""
+    encoded = [encoder.encode(ex.prompt, c, ex.passage) for c in ex.candidates]
     prompts = {tuple(ids[: len(ids) - n]) for ids, n in encoded}
-    if all(n == 1 for _, n in encoded) and len(prompts) == 1:
+    if share and all(n == 1 for _, n in encoded) and len(prompts) == 1:
         prompt = list(next(iter(prompts)))
         return [Request(prompt, [(len(prompt) - 1, [ids[-1] for ids, _ in encoded])])], "shared"
-    return [encoder.continuation_request(ex.prompt, c) for c in ex.candidates], "separate"
+    return [encoder.continuation_request(ex.prompt, c, ex.passage) for c in ex.candidates], "separate"
 
 
 @torch.no_grad()
 def score_candidates(model, encoder: Encoder, examples: Sequence[Example], pad_id: int,
-                     batch_size: int = 16, side: str = "right", progress=None) -> list[list[float]]:
+                     batch_size: int = 16, side: str = "right", progress=None,
+                     share: bool = True, prefix_cache: bool = True) -> list[list[float]]:
     """Mean log-likelihood of each candidate's tokens, per example (MeZO's classification score).
 
-    Requests of all examples are sorted by length and batched, ``batch_size`` sequences at a time.
+    Requests of all examples (one per candidate, or one per example when the candidates are single tokens
+    after one prompt and ``share``) are sorted by length and batched, ``batch_size`` sequences at a time.
+    With ``prefix_cache``, requests that start with the same long run of tokens (ICL demonstrations, a
+    ReCoRD passage under all its candidates) run that prefix once and only their own tokens per request
+    (see ``shared_prefix_groups``); the tokens and the scores are the same as without it.
+    MeZO's own loop is ``batch_size=1, share=False, prefix_cache=False``: one forward per candidate.
+    ``progress`` is called with the number of examples completed.
     """
     flat: list[tuple[int, int | None, Request]] = []  # (example, candidate or None=shared, request)
+    pending = [0] * len(examples)
     for e, ex in enumerate(examples):
-        requests, kind = classification_requests(encoder, ex)
+        requests, kind = classification_requests(encoder, ex, share)
         if kind == "shared":
             flat.append((e, None, requests[0]))
         else:
             flat.extend((e, c, r) for c, r in enumerate(requests))
+        pending[e] = len(requests)
     scores: list[list[float]] = [[float("nan")] * len(ex.candidates) for ex in examples]
-    order = sorted(range(len(flat)), key=lambda i: len(flat[i][2].ids), reverse=True)
-    for start in range(0, len(order), batch_size):
-        chunk = [flat[i] for i in order[start:start + batch_size]]
-        results = read_logprobs(model, [r for _, _, r in chunk], pad_id, side)
-        for (e, c, _), reads in zip(chunk, results):
+
+    def collect(indices: list[int], results) -> None:
+        done = 0
+        for i, reads in zip(indices, results):
+            e, c, _ = flat[i]
             if c is None:
                 scores[e] = reads[0].tolist()
             else:
                 scores[e][c] = torch.cat(reads).mean().item()
-        if progress is not None:
-            progress(len(chunk))
+            pending[e] -= 1
+            done += pending[e] == 0
+        if progress is not None and done:
+            progress(done)
+
+    requests = [r for _, _, r in flat]
+    groups = shared_prefix_groups(requests) if prefix_cache else []
+    for prefix_len, members in groups:
+        for indices, results in read_logprobs_with_prefix(model, requests, members, prefix_len, pad_id, batch_size):
+            collect(indices, results)
+    grouped = {i for _, members in groups for i in members}
+    rest = sorted((i for i in range(len(flat)) if i not in grouped), key=lambda i: len(requests[i].ids), reverse=True)
+    for start in range(0, len(rest), batch_size):
+        chunk = rest[start:start + batch_size]
+        collect(chunk, read_logprobs(model, [requests[i] for i in chunk], pad_id, side))
     return scores
+
+
+def shared_prefix_groups(requests: Sequence[Request], min_tokens: int = 48) -> list[tuple[int, list[int]]]:
+    """Groups of at least two requests that start with the same ``>= min_tokens`` tokens, as
+    (prefix length, request indices). The prefix ends before each member's first read position, so every
+    score is read from the member's own tokens. Requests are sorted by their token ids and grouped
+    greedily; a request joins the open group if it keeps at least half of the group's prefix."""
+    order = sorted(range(len(requests)), key=lambda i: requests[i].ids)
+    groups: list[tuple[int, list[int]]] = []
+    head: list[int] = []
+    length, members = 0, []
+    for i in order:
+        r = requests[i]
+        limit = min(pos for pos, _ in r.reads)
+        common = _common_length(head, r.ids, min(length, limit))
+        if members and common >= max(min_tokens, length // 2):
+            members.append(i)
+            length = common
+            continue
+        if len(members) >= 2 and length >= min_tokens:
+            groups.append((length, members))
+        head, length, members = r.ids, limit, [i]
+    if len(members) >= 2 and length >= min_tokens:
+        groups.append((length, members))
+    return groups
+
+
+def _common_length(a: list[int], b: list[int], limit: int) -> int:
+    n = min(limit, len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+# Key/value memory that the prefix's cache may take once repeated for a batch (it is copied per row).
+PREFIX_CACHE_BYTES = 512 * 2**20
+
+
+def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[int], prefix_len: int,
+                              pad_id: int, batch_size: int):
+    """Yields (request indices, their reads' log-probs) for ``members``, whose first ``prefix_len`` tokens
+    are equal: the prefix runs once with a key/value cache; each batch runs only the members' own tokens
+    (right-padded) after a copy of that cache, with positions counted from the end of the prefix."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    prefix = torch.tensor([requests[members[0]].ids[:prefix_len]], device=device)
+    out = model.base_model(input_ids=prefix, use_cache=True)
+    layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    row_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+    rows = max(1, min(batch_size, PREFIX_CACHE_BYTES // max(row_bytes, 1)))
+    head = model.get_output_embeddings()
+    order = sorted(members, key=lambda i: len(requests[i].ids), reverse=True)
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        ids, mask, positions = collate([requests[i].ids[prefix_len:] for i in chunk], pad_id, device, "right")
+        b = len(chunk)
+        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers],
+                             config=model.config)
+        full_mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
+        hidden = model.base_model(input_ids=ids, attention_mask=full_mask, position_ids=positions + prefix_len,
+                                  past_key_values=cache, use_cache=True)[0]
+        rows_idx, cols = [], []
+        for row, i in enumerate(chunk):
+            for pos, _ in requests[i].reads:
+                rows_idx.append(row)
+                cols.append(pos - prefix_len)
+        logits = head(hidden[torch.tensor(rows_idx, device=device), torch.tensor(cols, device=device)]).float()
+        logprobs = F.log_softmax(logits, dim=-1)
+        results, k = [], 0
+        for i in chunk:
+            per = []
+            for _, tokens in requests[i].reads:
+                per.append(logprobs[k, torch.tensor(tokens, device=device)])
+                k += 1
+            results.append(per)
+        yield chunk, results

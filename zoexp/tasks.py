@@ -1,15 +1,28 @@
 """Tasks as data: a spec (``tasks/<name>.yaml``) turns raw dataset rows into prompts and candidates.
 
-A spec names its data source, the splits to sample from, a Jinja prompt template, the candidates (a
-list of templates, or one expression that yields a list), the gold label expression, the metric and a
-``version`` that goes into every result row (a changed prompt bumps it). Templates run in Jinja's
-sandbox: they read fields, they cannot run code.
+A spec names its data source, the splits to sample from, a Jinja prompt template, the candidates, the
+gold label, the metric and a ``version`` that goes into every result row (a changed prompt bumps it).
+Templates run in Jinja's sandbox: they read fields, they cannot run code. The spec keys are listed in
+``tasks/README.md``; in short:
 
-The MeZO protocol (both papers follow it): for seed s, permute the train split with
-``numpy.random.RandomState(s)``; the first ``num_train`` rows train, the next ``num_dev`` are the dev
-set; permute the test split (the public validation split) with the same seed and keep ``num_test``.
-Where a task has no train split here, train/dev/test are disjoint slices of one permutation of the
-split that exists, and the result row says so.
+- ``prompt``: template of the text before the answer. The part wrapped in the ``truncate_left`` filter
+  (``{{ context | truncate_left }}``) is the passage: when an input is too long, tokens are cut from the
+  left of that part only, never from the question or the answer.
+- ``candidates`` (classification): a list of templates, one expression yielding a list, or
+  ``{each: <expression>, as: <name>, template: <template>}`` (one candidate per item, e.g. ReCoRD's
+  entities placed into the query). ``label``: an expression giving the gold index (or a list of them);
+  or ``gold``: the gold item(s) among ``each`` items (or among the rendered candidates).
+- ``answers`` (generation): an expression giving the gold answers (F1/EM take the max over them);
+  ``target``: the trained continuation (also the answer shown in a demonstration); ``stop`` and
+  ``max_new_tokens`` bound greedy decoding.
+- ``filter``: rows for which this expression is false are dropped before sampling (e.g. unlabelled rows).
+
+The MeZO protocol (both papers follow it): for seed s, ``numpy.random.RandomState(s).permutation`` of
+the train split; its first ``num_train + num_dev`` rows are the sample, of which the last ``num_dev`` are
+the dev set and the rest train (MeZO's ``sample_subset`` + ``train_samples[-num_dev:]``; when the split is
+too small, train shrinks, dev keeps its size); the same seed permutes the test split (the public
+validation split) and the first ``num_test`` rows are the test set. Where only one split exists here,
+train/dev/test are disjoint slices of one permutation of it (test first), and the result row says so.
 """
 
 from __future__ import annotations
@@ -30,7 +43,16 @@ from zoexp.paths import tasks_dir
 
 log = logging.getLogger(__name__)
 
+# Private-use characters around the truncatable passage while a prompt is rendered; removed afterwards.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def _truncate_left(text: Any) -> str:
+    return f"{_OPEN}{text}{_CLOSE}"
+
+
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+_ENV.filters["truncate_left"] = _truncate_left
 _EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".tsv", ".csv", ".parquet")
 
 
@@ -45,13 +67,22 @@ class Example:
     id: Any
     prompt: str
     candidates: list[str] = field(default_factory=list)
-    label: int | None = None  # index of the gold candidate
+    label: int | None = None  # index of the gold candidate (the one trained on)
     answers: list[str] = field(default_factory=list)  # gold answers (generation)
+    golds: list[int] | None = None  # every correct candidate, when there are several (ReCoRD)
+    passage: tuple[int, int] | None = None  # [start, end) of the prompt that may be cut from the left
+    gold_target: str | None = None  # trained continuation of a generation example (spec `target`)
 
     @property
     def target(self) -> str:
-        """The continuation trained on: the gold candidate, or the first gold answer."""
-        return self.candidates[self.label] if self.candidates else self.answers[0]
+        """The continuation trained on: the gold candidate, or the generation target / first answer."""
+        if self.candidates:
+            return self.candidates[self.label]
+        return self.gold_target if self.gold_target is not None else self.answers[0]
+
+    @property
+    def gold_labels(self) -> list[int]:
+        return list(self.golds) if self.golds else [self.label]
 
 
 @dataclass
@@ -60,6 +91,7 @@ class TaskData:
     dev: list[Example]
     test: list[Example]
     notes: list[str] = field(default_factory=list)
+    splits: dict = field(default_factory=dict)  # which source split each set came from
 
 
 def available_tasks() -> list[str]:
@@ -75,6 +107,12 @@ def load_spec(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str | int) else list(value)
+
+
 class Task:
     """A task spec with its compiled templates."""
 
@@ -85,19 +123,30 @@ class Task:
         self.type: str = spec.get("type", "classification")
         if self.type not in ("classification", "generation"):
             raise DataError(f"task {self.name}: type must be classification or generation, not {self.type!r}")
-        self.metric: str = spec.get("metric", "accuracy" if self.type == "classification" else "f1")
+        self.metric: str = spec.get("metric", "acc" if self.type == "classification" else "f1")
+        self.stop: str | None = spec.get("stop", "\n")
+        self.max_new_tokens: int = int(spec.get("max_new_tokens", 50))
         self._prompt = _ENV.from_string(spec["prompt"])
         cands = spec.get("candidates")
+        self._cands_expr = self._cands = self._each = None
         if isinstance(cands, str):
             self._cands_expr = _ENV.compile_expression(cands)
-            self._cands = None
+        elif isinstance(cands, dict):
+            missing = {"each", "template"} - set(cands)
+            if missing:
+                raise DataError(f"task {self.name}: candidates needs {sorted(missing)} in its each-form")
+            self._each = (_ENV.compile_expression(cands["each"]), cands.get("as", "item"),
+                          _ENV.from_string(cands["template"]), bool(cands.get("unique", True)))
         else:
-            self._cands_expr = None
             self._cands = [_ENV.from_string(c) for c in (cands or [])]
         self._label = _ENV.compile_expression(str(spec["label"])) if spec.get("label") is not None else None
+        self._gold = _ENV.compile_expression(spec["gold"]) if spec.get("gold") else None
         self._answers = _ENV.compile_expression(spec["answers"]) if spec.get("answers") else None
-        if self.type == "classification" and (self._label is None or not (self._cands or self._cands_expr)):
-            raise DataError(f"task {self.name}: a classification task needs `candidates` and `label`")
+        self._target = _ENV.from_string(spec["target"]) if spec.get("target") else None
+        self._filter = _ENV.compile_expression(spec["filter"]) if spec.get("filter") else None
+        has_cands = self._cands or self._cands_expr is not None or self._each is not None
+        if self.type == "classification" and (not has_cands or (self._label is None and self._gold is None)):
+            raise DataError(f"task {self.name}: a classification task needs `candidates` and `label` (or `gold`)")
         if self.type == "generation" and self._answers is None:
             raise DataError(f"task {self.name}: a generation task needs `answers`")
 
@@ -108,28 +157,87 @@ class Task:
         spec = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         return cls(spec)
 
+    # ------------------------------------------------------------------ rendering
+
+    def render_prompt(self, row: dict) -> tuple[str, tuple[int, int] | None]:
+        """The prompt text and the [start, end) span of its truncatable passage (None if unmarked)."""
+        text = self._prompt.render(**row)
+        start = text.find(_OPEN)
+        if start < 0:
+            return text, None
+        end = text.find(_CLOSE, start)
+        if end < 0 or text.count(_OPEN) != 1 or text.count(_CLOSE) != 1:
+            raise DataError(f"task {self.name}: the prompt may mark at most one passage with truncate_left")
+        return text[:start] + text[start + 1:end] + text[end + 1:], (start, end - 1)
+
     def render(self, row: dict, idx: Any = None) -> Example:
-        prompt = self._prompt.render(**row)
-        ex_id = row.get("idx", idx)
+        prompt, passage = self.render_prompt(row)
+        ex_id = row.get("idx", row.get("id", idx))
         if self.type == "generation":
-            answers = self._answers(**row)
-            answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
-            return Example(id=ex_id, prompt=prompt, answers=answers)
-        if self._cands_expr is not None:
+            answers = [str(a) for a in _as_list(self._answers(**row))]
+            if not answers:
+                raise DataError(f"task {self.name}: example {ex_id!r} has no gold answer")
+            target = self._target.render(**row) if self._target is not None else None
+            return Example(id=ex_id, prompt=prompt, answers=answers, passage=passage, gold_target=target)
+        items = None
+        if self._each is not None:
+            each, name, template, unique = self._each
+            items = list(each(**row))
+            if unique:
+                items = list(dict.fromkeys(items))
+            candidates = [template.render(**row, **{name: item}) for item in items]
+        elif self._cands_expr is not None:
             candidates = [str(c) for c in self._cands_expr(**row)]
         else:
             candidates = [t.render(**row) for t in self._cands]
-        label = int(self._label(**row))
-        if not 0 <= label < len(candidates):
-            raise DataError(f"task {self.name}: label {label} out of range for {len(candidates)} candidates")
-        return Example(id=ex_id, prompt=prompt, candidates=candidates, label=label)
+        if self._gold is not None:
+            pool = items if items is not None else candidates
+            wanted = _as_list(self._gold(**row))
+            golds = [pool.index(g) for g in dict.fromkeys(wanted) if g in pool]
+            if not golds:
+                raise DataError(f"task {self.name}: example {ex_id!r}: no gold {wanted!r} among the candidates")
+        else:
+            golds = [int(v) for v in _as_list(self._label(**row))]
+        for label in golds:
+            if not 0 <= label < len(candidates):
+                raise DataError(f"task {self.name}: label {label} out of range for {len(candidates)} candidates")
+        return Example(id=ex_id, prompt=prompt, candidates=candidates, label=golds[0],
+                       golds=golds if len(golds) > 1 else None, passage=passage)
 
     # ------------------------------------------------------------------ data
+
+    def _split_names(self, role: str) -> list[str]:
+        splits = self.spec.get("splits", {"train": "train", "test": "validation"})
+        return [str(s) for s in _as_list(splits.get(role))]
+
+    def _folder(self, data_dir) -> Path:
+        return Path(data_dir) / self.spec.get("source", {}).get("local", self.name)
+
+    def has_split(self, split: str, data_dir) -> bool:
+        if not data_dir:
+            names = self._hub_split_names()
+            return names is None or split in names
+        return any((self._folder(data_dir) / f"{split}{ext}").is_file() for ext in _EXTENSIONS)
+
+    def _hub_split_names(self) -> list[str] | None:
+        hub = self.spec.get("source", {}).get("hub")
+        if not hub:
+            return None
+        try:
+            import datasets
+
+            return list(datasets.get_dataset_split_names(*hub))
+        except Exception:  # offline, unknown dataset: let load_split report it
+            return None
+
+    def resolve_split(self, role: str, data_dir) -> str | None:
+        """The first split listed for ``role`` (train or test) that exists in the source, else None."""
+        return next((s for s in self._split_names(role) if self.has_split(s, data_dir)), None)
 
     def load_split(self, split: str, data_dir: str | os.PathLike | None) -> list[dict]:
         source = self.spec.get("source", {})
         if data_dir:
-            folder = Path(data_dir) / source.get("local", self.name)
+            folder = self._folder(data_dir)
             for ext in _EXTENSIONS:
                 path = folder / f"{split}{ext}"
                 if path.is_file():
@@ -145,18 +253,28 @@ class Task:
         try:
             import datasets
 
-            return list(datasets.load_dataset(*hub, split=split))
+            rows = list(datasets.load_dataset(*hub, split=split))
         except Exception as exc:  # network, missing dataset, ...
             raise DataError(
                 f"task {self.name}: could not load {hub} split {split!r} from the Hugging Face hub ({exc}). "
                 "Without internet, point data_dir (or ZOEXP_DATA_DIR) at local copies, e.g. ../shared/data."
             ) from exc
+        rename = source.get("rename") or {}
+        for row in rows:
+            for old, new in rename.items():
+                if old in row and new not in row:
+                    row[new] = row.pop(old)
+        return rows
 
-    def has_split(self, split: str, data_dir) -> bool:
-        if not data_dir:
-            return True
-        folder = Path(data_dir) / self.spec.get("source", {}).get("local", self.name)
-        return any((folder / f"{split}{ext}").is_file() for ext in _EXTENSIONS)
+    def _rows(self, split: str, data_dir, notes: list[str]) -> list[dict]:
+        rows = self.load_split(split, data_dir)
+        if self._filter is not None:
+            kept = [r for r in rows if self._filter(**r)]
+            if len(kept) < len(rows):
+                notes.append(f"{split}: dropped {len(rows) - len(kept)} of {len(rows)} rows by filter "
+                             f"`{self.spec['filter']}`")
+            rows = kept
+        return rows
 
     def sample(self, seed: int, data_dir=None, num_train: int | None = None, num_dev: int | None = None,
                num_test: int | None = None) -> TaskData:
@@ -169,36 +287,50 @@ class Task:
             from zoexp.kshot import sample_k_shot
 
             return sample_k_shot(self, seed, data_dir, int(spec["k_shot"]), num_test)
-        splits = spec.get("splits", {"train": "train", "test": "validation"})
-        train_split, test_split = splits.get("train"), splits["test"]
+        train_split = self.resolve_split("train", data_dir)
+        test_split = self.resolve_split("test", data_dir)
         notes: list[str] = []
-        if train_split and self.has_split(train_split, data_dir):
-            train_rows = self.load_split(train_split, data_dir)
-            test_rows = self.load_split(test_split, data_dir)
+        if train_split is None and test_split is None:
+            wanted = self._split_names("train") + self._split_names("test")
+            where = self._folder(data_dir) if data_dir else f"hub {spec.get('source', {}).get('hub')}"
+            raise DataError(f"task {self.name}: none of the splits {wanted} found in {where}. "
+                            "Point data_dir (or ZOEXP_DATA_DIR) at a folder with <task>/<split>.jsonl files.")
+        if train_split and test_split and train_split != test_split:
+            train_rows = self._rows(train_split, data_dir, notes)
+            test_rows = self._rows(test_split, data_dir, notes)
             order = np.random.RandomState(seed).permutation(len(train_rows)).tolist()
+            pool = order[:num_train + num_dev]
             if num_train + num_dev > len(train_rows):
-                notes.append(f"{train_split} has {len(train_rows)} rows < num_train+num_dev={num_train + num_dev}")
-            train_idx, dev_idx = order[:num_train], order[num_train:num_train + num_dev]
+                notes.append(f"{train_split} has {len(train_rows)} rows < num_train+num_dev={num_train + num_dev}: "
+                             f"dev keeps {min(num_dev, len(pool))}, train gets the rest")
+            n_dev = min(num_dev, len(pool))
+            train_idx, dev_idx = pool[:len(pool) - n_dev], pool[len(pool) - n_dev:]
             test_idx = np.random.RandomState(seed).permutation(len(test_rows)).tolist()[:num_test]
             train = [train_rows[i] for i in train_idx]
             dev = [train_rows[i] for i in dev_idx]
             test = [test_rows[i] for i in test_idx]
+            splits = {"train": train_split, "dev": train_split, "test": test_split, "disjoint_from_one_split": False}
         else:
-            # One split only: disjoint slices of one permutation; test first so it stays comparable
-            # across different num_train choices.
-            rows = self.load_split(test_split, data_dir)
+            # One split only: disjoint slices of one permutation; test first, so the test set does not
+            # depend on num_train/num_dev unless the split is too small for all three.
+            only = test_split or train_split
+            rows = self._rows(only, data_dir, notes)
             order = np.random.RandomState(seed).permutation(len(rows)).tolist()
             n_test = min(num_test, max(len(rows) - num_train - num_dev, len(rows) // 2))
             test_idx = order[:n_test]
-            rest = order[n_test:]
-            train_idx, dev_idx = rest[:num_train], rest[num_train:num_train + num_dev]
+            pool = order[n_test:n_test + num_train + num_dev]
+            n_dev = min(num_dev, len(pool))
+            train_idx, dev_idx = pool[:len(pool) - n_dev], pool[len(pool) - n_dev:]
             train = [rows[i] for i in train_idx]
             dev = [rows[i] for i in dev_idx]
             test = [rows[i] for i in test_idx]
+            missing = "train" if test_split else "test"
+            wanted = "/".join(self._split_names(missing)) or missing
             notes.append(
-                f"no {train_split or 'train'} split: train/dev/test sampled disjointly from {test_split} "
+                f"no {wanted} split: train/dev/test sampled disjointly from {only} "
                 f"({len(train)}/{len(dev)}/{len(test)} of {len(rows)})"
             )
+            splits = {"train": only, "dev": only, "test": only, "disjoint_from_one_split": True}
         for note in notes:
             log.warning("task %s: %s", self.name, note)
         return TaskData(
@@ -206,6 +338,7 @@ class Task:
             dev=[self.render(r, i) for r, i in zip(dev, dev_idx)],
             test=[self.render(r, i) for r, i in zip(test, test_idx)],
             notes=notes,
+            splits=splits,
         )
 
 
