@@ -4,9 +4,11 @@ Method configs (``conf/method/*.yaml``) name their class with ``_target_``; that
 """
 
 from zoexp.methods.base import Method, ZOMethod
+from zoexp.methods.focus import FOCUS
+from zoexp.methods.hizoo import HiZOO
 from zoexp.methods.mezo import MeZO
 
-__all__ = ["Method", "ZOMethod", "MeZO"]
+__all__ = ["Method", "ZOMethod", "MeZO", "HiZOO", "FOCUS"]
 
 
 META_KEYS = ("name", "demonstrations")
