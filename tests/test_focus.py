@@ -330,3 +330,32 @@ def test_systematic_sampling_has_the_requested_inclusion_probabilities():
         assert len(picked) == 2 and len(set(picked)) == 2
         counts[picked] += 1
     assert torch.allclose(counts / n, q, atol=0.025)
+
+
+@pytest.mark.slow
+def test_focus_on_smollm2_state_is_a_tenth_of_hizoo_and_inactive_layers_stay(data_dir):
+    from conftest import compose
+
+    from zoexp.methods import HiZOO, build_method
+    from zoexp.models import load_model, param_groups
+    from zoexp.runner import Counters, make_closure
+    from zoexp.scoring import Encoder
+    from zoexp.tasks import Task
+
+    cfg = compose(["model=smollm2-135m", "method=focus", f"data_dir={data_dir}"])
+    model, tok = load_model(cfg.model, dtype=torch.float32, device=torch.device("cpu"))
+    data = Task.from_config(cfg.task).sample(0, data_dir=str(data_dir), num_train=4, num_dev=0, num_test=0)
+    closure = make_closure(model, Encoder(tok, max_length=128), data.train[:4], tok.pad_token_id, Counters())
+    hizoo_bytes = HiZOO(param_groups(model)).state_bytes()
+    trainable = sum(p.numel() for p in model.parameters())
+    assert hizoo_bytes == 4 * trainable  # one fp32 copy of the trainable parameters
+    opt = build_method(cfg.method, model, seed=0)
+    groups = param_groups(model)
+    before = {id(p): p.detach().clone() for g in groups if g["role"] == "block" for p in g["params"]}
+    loss = opt.step(closure)
+    assert math.isfinite(float(loss)) and len(opt.active) == 2
+    assert opt.state_bytes() <= hizoo_bytes / 10
+    for g in groups:
+        if g["role"] == "block":
+            same = all(torch.equal(before[id(p)], p.detach()) for p in g["params"])
+            assert same == (g["block"] not in opt.active)

@@ -35,8 +35,9 @@ class HiZOO(ZOMethod):
 
     The update uses the D that shaped the perturbation (so E[g u] = Σ ∇L). ``abs_estimate=True`` takes
     the absolute value of Ĥ inside the EMA, D ← (1 − α) D + α |Ĥ|, exactly as Eq. 3 is printed; that
-    estimate is biased upward (its fixed point on a d-dimensional quadratic is about (d/2)·diag ∇²L), while
-    the default averages the signed, unbiased Ĥ and takes the absolute value after. The clamp keeps Σ
+    estimate is biased upward by a factor growing with the number of perturbed coordinates (|Ĥ_i| is
+    dominated by the other coordinates' curvature), while the default averages the signed, unbiased Ĥ
+    and takes the absolute value after. The clamp keeps Σ
     positive and bounded (the assumption of the convergence analysis; the public HiZOO code has no
     lower bound and a default α of 0, which silently reduces it to MeZO).
 
