@@ -70,10 +70,15 @@ def test_restore_is_bit_exact_when_the_arithmetic_is_exact():
     with torch.no_grad():
         for p in q.parameters():
             p.zero_()
-    opt = FOCUS(q.groups(), lr=0.0, eps=1.0, hessian_smooth=0.0, interval=1, rule="cyclic", noise_threads=2,
+    # θ = 0, ε = 1, D = 1 then D = 4 (D^{-1/2} = 0.5): every ±εu is exact, so θ must come back bit for bit
+    opt = FOCUS(q.groups(), lr=0.0, eps=1.0, hessian_smooth=0.0, interval=3, rule="cyclic", noise_threads=2,
                 chunk=1000)
-    for _ in range(4):
+    for t in range(6):
         opt.step(q)
+        if t == 0:
+            for b in opt.active:
+                for p in q.block_params(b):
+                    opt.hessian(p).fill_(4.0)
     assert torch.equal(flat(*q.ordered()), torch.zeros_like(flat(*q.ordered())))
 
 
