@@ -6,12 +6,15 @@ Method configs (``conf/method/*.yaml``) name their class with ``_target_``; that
 from zoexp.methods.base import Method, ZOMethod
 from zoexp.methods.bcd import BlockCoordinate
 from zoexp.methods.first_order import FirstOrder
+from zoexp.methods.focus import FOCUS
 from zoexp.methods.galore import GaLore
+from zoexp.methods.hizoo import HiZOO
 from zoexp.methods.lomo import LOMO
 from zoexp.methods.lora import LoRA, MeZOLoRA
 from zoexp.methods.mezo import MeZO
 
-__all__ = ["Method", "ZOMethod", "MeZO", "FirstOrder", "BlockCoordinate", "LoRA", "MeZOLoRA", "GaLore", "LOMO"]
+__all__ = ["Method", "ZOMethod", "MeZO", "HiZOO", "FOCUS", "FirstOrder", "BlockCoordinate", "LoRA", "MeZOLoRA",
+           "GaLore", "LOMO"]
 
 
 META_KEYS = ("name", "demonstrations")
