@@ -77,16 +77,32 @@ class Counters:
     dev_curve: list = field(default_factory=list)
 
 
-def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters):
-    """One forward pass on ``batch``: the loss on the answer tokens. No backward (methods decide)."""
-    n_tokens = sum(len(encoder.encode(ex.prompt, ex.target)[0]) for ex in batch)
+class LossClosure:
+    """One forward pass on ``batch``: the loss on the answer tokens. No backward (methods decide).
 
-    def closure():
-        counters.forward_passes += 1
-        counters.tokens += n_tokens
-        return lm_loss(model, encoder, batch, pad_id)
+    ``dual(perturbation)`` is the offloaded variant for ZO methods: both perturbed losses from one pass
+    through resident blocks (``zoexp.offload.dual_lm_loss``); it counts as two forward passes.
+    """
 
-    return closure
+    def __init__(self, model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters):
+        self.model, self.encoder, self.batch, self.pad_id, self.counters = model, encoder, batch, pad_id, counters
+        self.n_tokens = sum(len(encoder.encode(ex.prompt, ex.target)[0]) for ex in batch)
+
+    def __call__(self):
+        self.counters.forward_passes += 1
+        self.counters.tokens += self.n_tokens
+        return lm_loss(self.model, self.encoder, self.batch, self.pad_id)
+
+    def dual(self, perturbation):
+        from zoexp.offload import dual_lm_loss
+
+        self.counters.forward_passes += 2
+        self.counters.tokens += 2 * self.n_tokens
+        return dual_lm_loss(self.model, self.encoder, self.batch, self.pad_id, perturbation)
+
+
+def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters) -> LossClosure:
+    return LossClosure(model, encoder, batch, pad_id, counters)
 
 
 class BestWeights:
@@ -221,13 +237,20 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     row.update({"data/train": len(data.train), "data/dev": len(data.dev), "data/test": len(data.test),
                 "data/notes": data.notes, "data/source": str(data_dir) if data_dir else "hub"})
 
-    with meter.phase("load"):
-        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
+    offload = bool(cfg.run.get("offload", False))
+    with meter.phase("load"):  # offloaded runs load on the host; enable_offload moves the rest
+        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype),
+                                      device=torch.device("cpu") if offload else device)
     row["model_params"] = count_params(model)
     max_length = int(cfg.run.get("max_length") or getattr(model.config, "max_position_embeddings", 2048))
     encoder = Encoder(tokenizer, max_length=max_length)
     pad_id = tokenizer.pad_token_id
     optimizer = build_method(cfg.method, model, seed=seed)
+    if offload:
+        from zoexp.offload import enable_offload
+
+        offloader = enable_offload(model, optimizer, device, ring=int(cfg.run.get("offload_ring", 3)))
+        row.update(offloader.device_bytes())
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True))
 
@@ -255,6 +278,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         window: list[float] = []
 
         def dev_eval(step: int) -> None:
+            optimizer.flush()  # deferred (offloaded) updates land before the weights are evaluated
             result = run_eval(data.dev, "dev")
             counters.dev_curve.append({"step": step, metric: result[metric], "train_time_s": t_train})
             log.info("step %d dev %s = %.4f", step, metric, result[metric])
@@ -294,6 +318,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                     dev_eval(step)
                     model.train(optimizer.train_mode)
         model.eval()
+        optimizer.flush()
         row.update({
             "steps": steps,
             "train/final_loss": counters.curve[-1]["loss"] if counters.curve else None,

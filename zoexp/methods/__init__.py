@@ -4,9 +4,11 @@ Method configs (``conf/method/*.yaml``) name their class with ``_target_``; that
 """
 
 from zoexp.methods.base import Method, ZOMethod
+from zoexp.methods.hzo import HZO
+from zoexp.methods.loho import LoHO
 from zoexp.methods.mezo import MeZO
 
-__all__ = ["Method", "ZOMethod", "MeZO"]
+__all__ = ["Method", "ZOMethod", "MeZO", "HZO", "LoHO"]
 
 
 META_KEYS = ("name", "demonstrations")
