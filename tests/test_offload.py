@@ -8,10 +8,11 @@ import copy
 
 import pytest
 import torch
-from conftest import compose
+from conftest import REPO, compose
+from omegaconf import OmegaConf
 
 from zoexp.methods import HZO, MeZO
-from zoexp.models import param_groups
+from zoexp.models import load_model, param_groups
 from zoexp.offload import DualPerturbation, dual_lm_loss, enable_offload
 from zoexp.runner import Counters, make_closure
 from zoexp.scoring import Encoder, lm_loss, score_candidates
@@ -81,9 +82,13 @@ def test_offloaded_steps_equal_the_plain_path(name, method, request):
             if key in ma:
                 assert mb[key] == pytest.approx(ma[key], rel=2e-6), (t, key)
     b.flush()
-    # The two paths round differently (fused vs deferred update; a tied embedding is toggled around the
-    # head), so weights differ by ulps, losses by ~1e-7 and the projected gradient c = ΔL/2ε by
-    # ~1e-7/ε relative: the weights agree to that relative accuracy of the distance they moved.
+    _assert_weights_agree(plain, model, start)
+
+
+def _assert_weights_agree(plain, model, start) -> None:
+    """The two paths round differently (fused vs deferred update; a tied embedding is toggled around the
+    head), so weights differ by ulps, losses by ~1e-7 and the projected gradient c = ΔL/2ε by ~1e-7/ε
+    relative: the weights agree to that relative accuracy of the distance they moved."""
     for (n, p), q, p0 in zip(plain.named_parameters(), model.parameters(), start):
         moved = (p.detach() - p0).norm().item()
         err = (p.detach() - q.detach()).norm().item()
@@ -168,6 +173,9 @@ def test_f_plus_z_and_non_zo_methods_are_refused(request):
     fz = HZO(param_groups(model), fo_layers=1, partition="fz")
     with pytest.raises(ValueError, match="Z\\+F"):
         enable_offload(model, fz, "cpu")
+    fo_embed = HZO(param_groups(model), fo_layers=1, fo_extra=["embed"])
+    with pytest.raises(ValueError, match="Z\\+F"):
+        enable_offload(model, fo_embed, "cpu")
     with pytest.raises(ValueError, match="does not support offloading"):
         enable_offload(model, torch.optim.SGD(model.parameters(), lr=0.1), "cpu")
 
@@ -191,3 +199,25 @@ def test_runner_offload_matches_the_plain_run(tmp_path, fixture_data_dir):
     assert off["test/acc"] == plain["test/acc"] and off["dev/acc"] == plain["dev/acc"]
     assert off["offload/ring"] == 2 and off["offload/offloaded_layers"] == 3
     assert off["offload/device_param_bytes"] < off["model_params"] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mezo", "hzo-z+f"])
+def test_offloaded_steps_equal_the_plain_path_on_smollm2(method):
+    """The real model (LLaMA family, tied embedding, 30 layers): 2 offloaded steps equal the plain path."""
+    model, tok = load_model(OmegaConf.load(REPO / "conf" / "model" / "smollm2-135m.yaml"), "fp32", "cpu")
+    plain = copy.deepcopy(model)
+    start = [p.detach().clone() for p in model.parameters()]
+    make = {"mezo": lambda g: MeZO(g, lr=1e-5, eps=1e-3, seed=3),
+            "hzo-z+f": lambda g: HZO(g, lr=1e-5, eps=1e-3, rank=2, interval=2, fo_layers=1, fo_lr=1e-4, seed=3)}
+    a, b = make[method](param_groups(plain)), make[method](param_groups(model))
+    off = enable_offload(model, b, "cpu", ring=3)
+    enc = Encoder(tok, 256)
+    for t in range(2):
+        batch = _batch(8, offset=t)
+        la = a.step(make_closure(plain, enc, batch, tok.pad_token_id, Counters())).item()
+        lb = b.step(make_closure(model, enc, batch, tok.pad_token_id, Counters())).item()
+        assert lb == pytest.approx(la, rel=1e-5)
+    b.flush()
+    _assert_weights_agree(plain, model, start)
+    assert off.max_in_ring <= 3

@@ -506,7 +506,8 @@ def enable_offload(model: nn.Module, method=None, device: torch.device | str = "
                      for p in g["params"] if id(p) in where}
         zo_layers = {where[id(p)] for gi, g in enumerate(method.param_groups) if gi in zo
                      for p in g["params"] if id(p) in where}
-        if fo_layers and zo_layers and min(fo_layers) < max(zo_layers):
+        fo_embed = any(g.get("role") == "embed" for gi, g in enumerate(method.param_groups) if gi not in zo)
+        if zo_layers and (fo_embed or (fo_layers and min(fo_layers) < max(zo_layers))):
             raise ValueError("offloading needs the first-order layers above every offloaded ZO layer (Z+F): "
                              "with F+Z the backward pass would run through streamed layers")
         keep = fo_layers

@@ -71,6 +71,10 @@ class MeZO(ZOMethod):
             coef = a * eps - lr * grad
             self.noise.visit(decay, seed, lambda view, z, *_: view.mul_(a).add_(z, alpha=coef))
 
+    def draws_per_step(self) -> int:
+        """Random numbers one step draws (z over every parameter, regenerated three times)."""
+        return sum(p.numel() for _, p in self.items())
+
     # per-group operations for offloaded steps (ZOMethod.offloaded_zo_step)
 
     def perturb_group_(self, group, t, scale) -> None:
