@@ -30,9 +30,13 @@ def test_every_task_composes_and_compiles(task):
     Task.from_config(cfg.task)
 
 
+# the toy has a single block: hybrids keep it zeroth-order (their FO part is tested in test_hzo.py)
+TOY_OVERRIDES = {"hzo": ["method.fo_layers=0"], "loho": ["method.fo_layers=0"]}
+
+
 @pytest.mark.parametrize("method", GROUPS["method"])
 def test_every_method_instantiates_on_toy_parameters(method, request):
-    cfg = compose([f"method={method}"])
+    cfg = compose([f"method={method}", *TOY_OVERRIDES.get(method, [])])
     if "target_modules" in cfg.method:  # adapter methods (LoRA) need linear layers to attach to
         tiny = copy.deepcopy(request.getfixturevalue("tiny_opt")[0])
         ids = torch.tensor([[1, 2, 3, 4]])

@@ -47,8 +47,16 @@ def measure(cfg: DictConfig) -> dict:
     batch_size = int(cfg.run.batch_size)
     data = task.sample(seed, data_dir=cfg.get("data_dir"), num_train=batch_size, num_dev=0, num_test=0)
     runtime_rss = current_rss()  # the process before the model exists: interpreter, torch, data
+    offload = bool(cfg.run.get("offload", False))
     with meter.phase("load"):
-        model, tok = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
+        model, tok = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype),
+                                device=torch.device("cpu") if offload else device)
+    optimizer = offloader = None
+    if offload:  # the method decides which layers stay on the device, so it is built first
+        from zoexp.offload import enable_offload
+
+        optimizer = build_method(cfg.method, model, seed=seed)
+        offloader = enable_offload(model, optimizer, device, ring=int(cfg.run.get("offload_ring", 3)))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # d, in bytes
     encoder = Encoder(tok, max_length=int(cfg.run.get("max_length") or 2048))
     batch = data.train[:batch_size]
@@ -77,7 +85,10 @@ def measure(cfg: DictConfig) -> dict:
         "model_bytes": model_bytes, "mem/runtime_rss_bytes": runtime_rss,
         "hparams": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if not k.startswith("_")},
     }
-    optimizer = build_method(cfg.method, model, seed=seed)
+    if offloader is not None:
+        row.update(offloader.device_bytes(), offload=True)
+    else:
+        optimizer = build_method(cfg.method, model, seed=seed)
     if optimizer is not None:
         model.train(optimizer.train_mode)
         step_times = []
@@ -100,6 +111,8 @@ def measure(cfg: DictConfig) -> dict:
             "optimizer_grad_bytes_max": getattr(optimizer, "grad_bytes_max", 0),
             "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
         })
+        if hasattr(optimizer, "draws_per_step"):  # random numbers drawn per ZO step (z or U, V factors)
+            row["draws_per_step"] = optimizer.draws_per_step()
     row.update(meter.values)
     return row
 

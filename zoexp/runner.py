@@ -82,8 +82,7 @@ class Counters:
     dev_curve: list = field(default_factory=list)
 
 
-def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
-                 loss: str = "lm"):
+class LossClosure:
     """One forward pass on ``batch``: the loss on the answer tokens (``lm``), or MeZO's
     train_as_classification (``classification``: cross-entropy over the candidates' scores).
     No backward (methods decide).
@@ -92,25 +91,47 @@ def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, cou
     slices of the batch and scales its mean loss by the slice's share of the batch's loss weight (answer
     tokens, or examples for ``classification``), so the parts' losses -- and their gradients -- add up
     to those of the whole batch. The parts of one batch count as one forward pass.
-    """
-    loss_fn = {"lm": lm_loss, "classification": classification_loss}[loss]
-    n_tokens = [request_tokens(encoder, [ex], loss) for ex in batch]
-    weights = [distributed.loss_weight(encoder, [ex], loss) for ex in batch]
 
-    def closure(part: int = 0, parts: int = 1):
+    ``dual(perturbation)`` is the offloaded variant for ZO methods: both perturbed losses from one pass
+    through resident blocks (``zoexp.offload.dual_lm_loss``); it counts as two forward passes.
+    """
+
+    def __init__(self, model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
+                 loss: str = "lm"):
+        self.model, self.encoder, self.batch, self.pad_id, self.counters = model, encoder, batch, pad_id, counters
+        self.loss = loss
+        self.loss_fn = {"lm": lm_loss, "classification": classification_loss}[loss]
+        self.n_tokens = [request_tokens(encoder, [ex], loss) for ex in batch]
+        self.weights = [distributed.loss_weight(encoder, [ex], loss) for ex in batch]
+
+    def __call__(self, part: int = 0, parts: int = 1):
+        batch, counters = self.batch, self.counters
         if parts == 1:
             counters.forward_passes += 1
-            counters.tokens += sum(n_tokens)
-            return loss_fn(model, encoder, batch, pad_id)
+            counters.tokens += sum(self.n_tokens)
+            return self.loss_fn(self.model, self.encoder, batch, self.pad_id)
         if not 0 <= part < parts <= len(batch):
             raise ValueError(f"cannot split a batch of {len(batch)} examples into {parts} parts (part {part}); "
                              "accumulation steps must not exceed run.batch_size")
         lo, hi = part * len(batch) // parts, (part + 1) * len(batch) // parts
         counters.forward_passes += part == 0
-        counters.tokens += sum(n_tokens[lo:hi])
-        return loss_fn(model, encoder, batch[lo:hi], pad_id) * (sum(weights[lo:hi]) / sum(weights))
+        counters.tokens += sum(self.n_tokens[lo:hi])
+        share = sum(self.weights[lo:hi]) / sum(self.weights)
+        return self.loss_fn(self.model, self.encoder, batch[lo:hi], self.pad_id) * share
 
-    return closure
+    def dual(self, perturbation):
+        from zoexp.offload import dual_lm_loss
+
+        if self.loss != "lm":
+            raise ValueError("run.offload supports run.loss=lm only")
+        self.counters.forward_passes += 2
+        self.counters.tokens += 2 * sum(self.n_tokens)
+        return dual_lm_loss(self.model, self.encoder, self.batch, self.pad_id, perturbation)
+
+
+def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
+                 loss: str = "lm") -> LossClosure:
+    return LossClosure(model, encoder, batch, pad_id, counters, loss)
 
 
 def training_loss(cfg: DictConfig, task: Task) -> str:
@@ -345,8 +366,10 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                 "data/source": str(data_dir) if data_dir else "hub"})
     loss_kind = training_loss(cfg, task)
 
-    with meter.phase("load"):
-        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype), device=device)
+    offload = bool(cfg.run.get("offload", False))
+    with meter.phase("load"):  # offloaded runs load on the host; enable_offload moves the rest
+        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype),
+                                      device=torch.device("cpu") if offload else device)
     row["model_params"] = count_params(model)
     devices = model_devices(model)  # [scale-out] several with model.device_map
     if len(devices) > 1:
@@ -357,6 +380,11 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     encoder = Encoder(tokenizer, max_length=max_length)
     pad_id = tokenizer.pad_token_id
     optimizer = build_method(cfg.method, model, seed=seed)
+    if offload:
+        from zoexp.offload import enable_offload
+
+        offloader = enable_offload(model, optimizer, device, ring=int(cfg.run.get("offload_ring", 3)))
+        row.update(offloader.device_bytes())
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True)) and dist.is_main
     max_new = cfg.run.get("max_new_tokens")
@@ -416,6 +444,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
 
         def dev_eval(step: int) -> None:
             nonlocal evaluated_at
+            optimizer.flush()  # deferred (offloaded) updates land before the weights are evaluated
             result = run_eval(data.dev, "dev")
             counters.dev_curve.append({"step": step, metric: result[metric], "train_time_s": t_train})
             log.info("step %d dev %s = %.4f", step, metric, result[metric])
@@ -492,6 +521,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                 if ckpt.due(step, steps):
                     checkpoint()
         model.eval()
+        optimizer.flush()
         tokens = int(dist.sum(counters.tokens))  # [scale-out] all ranks' shards
         row.update({
             "steps": steps,

@@ -164,22 +164,24 @@ def hidden_states(model, ids, mask, positions) -> torch.Tensor:
     return out[0]
 
 
-def read_logprobs(model, requests: Sequence[Request], pad_id: int, side: str = "right") -> list[list[torch.Tensor]]:
-    """For each request and each of its reads, the log-probabilities of the read's tokens (a 1-D tensor)."""
-    device = next(model.parameters()).device
-    ids, mask, positions = collate([r.ids for r in requests], pad_id, device, side)
-    hidden = hidden_states(model, ids, mask, positions)
-    longest = ids.shape[1]
+def read_positions(requests: Sequence[Request], longest: int, device, side: str = "right"):
+    """(rows, cols) of the hidden states each read needs, in request order."""
     rows, cols = [], []
     for b, r in enumerate(requests):
         offset = longest - len(r.ids) if side == "left" else 0
         for pos, _ in r.reads:
             rows.append(b)
             cols.append(pos + offset)
+    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+
+
+def logprobs_from_hidden(model, hidden: torch.Tensor, requests: Sequence[Request], rows, cols) -> list[list[torch.Tensor]]:
+    """The LM head on the read positions only, then the log-probabilities of each read's tokens."""
+    device = hidden.device
     head = model.get_output_embeddings()
-    # indices on the tensors' own devices: with a device map, hidden states and logits may live on other
+    # indices on the hidden states' device: with a device map, hidden states and logits may live on other
     # devices than the input embeddings
-    logits = head(hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]).float()
+    logits = head(hidden[rows.to(device), cols.to(device)]).float()
     logprobs = F.log_softmax(logits, dim=-1)
     out, k = [], 0
     for r in requests:
@@ -191,16 +193,33 @@ def read_logprobs(model, requests: Sequence[Request], pad_id: int, side: str = "
     return out
 
 
+def read_logprobs(model, requests: Sequence[Request], pad_id: int, side: str = "right") -> list[list[torch.Tensor]]:
+    """For each request and each of its reads, the log-probabilities of the read's tokens (a 1-D tensor)."""
+    device = next(model.parameters()).device
+    ids, mask, positions = collate([r.ids for r in requests], pad_id, device, side)
+    hidden = hidden_states(model, ids, mask, positions)
+    rows, cols = read_positions(requests, ids.shape[1], device, side)
+    return logprobs_from_hidden(model, hidden, requests, rows, cols)
+
+
+def target_requests(encoder: Encoder, batch: Sequence[Example]) -> list[Request]:
+    """One continuation request per example: the prompt followed by its target (answer) tokens."""
+    return [encoder.continuation_request(ex.prompt, ex.target, ex.passage) for ex in batch]
+
+
+def mean_nll(per_request: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Negative log-likelihood averaged over every target token of the batch."""
+    token_logprobs = torch.cat([torch.cat(reads) for reads in per_request])
+    return -token_logprobs.mean()
+
+
 def lm_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
     """Cross-entropy on the target (answer) tokens only, averaged over all target tokens of the batch."""
     from zoexp import mlm
 
     if mlm.is_masked_lm(model):  # masked-LM prompts (HZO Table 6): the loss at the mask, zoexp.mlm
         return mlm.mlm_loss(model, encoder, batch, pad_id)
-    requests = [encoder.continuation_request(ex.prompt, ex.target, ex.passage) for ex in batch]
-    per_request = read_logprobs(model, requests, pad_id)
-    token_logprobs = torch.cat([torch.cat(reads) for reads in per_request])
-    return -token_logprobs.mean()
+    return mean_nll(read_logprobs(model, target_requests(encoder, batch), pad_id))
 
 
 def classification_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> torch.Tensor:

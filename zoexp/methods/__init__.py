@@ -9,12 +9,14 @@ from zoexp.methods.first_order import FirstOrder
 from zoexp.methods.focus import FOCUS
 from zoexp.methods.galore import GaLore
 from zoexp.methods.hizoo import HiZOO
+from zoexp.methods.hzo import HZO
+from zoexp.methods.loho import LoHO
 from zoexp.methods.lomo import LOMO
 from zoexp.methods.lora import LoRA, MeZOLoRA
 from zoexp.methods.mezo import MeZO
 
-__all__ = ["Method", "ZOMethod", "MeZO", "HiZOO", "FOCUS", "FirstOrder", "BlockCoordinate", "LoRA", "MeZOLoRA",
-           "GaLore", "LOMO"]
+__all__ = ["Method", "ZOMethod", "MeZO", "HiZOO", "FOCUS", "HZO", "LoHO", "FirstOrder", "BlockCoordinate", "LoRA",
+           "MeZOLoRA", "GaLore", "LOMO"]
 
 
 META_KEYS = ("name", "demonstrations")

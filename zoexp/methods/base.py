@@ -62,6 +62,13 @@ class Method(Optimizer):
         """Per-step scalars the runner may log (projected gradient, active blocks, ...)."""
         return {}
 
+    def flush(self) -> None:
+        """Apply any deferred update so that the model holds the current weights.
+
+        Offloaded ZO steps defer step t's update until each block is next resident (``zoexp.offload``);
+        the runner calls this before every evaluation and at the end of training. No-op by default.
+        """
+
 
 class ZOMethod(Method):
     """Shared machinery of zeroth-order methods: step seeds and regenerable Gaussian directions.
@@ -81,6 +88,10 @@ class ZOMethod(Method):
             for p in group["params"]:
                 self._keys.setdefault(p, len(self._keys))
         self._last: dict = {}
+        # offloading (zoexp.offload): the block offloader, and step t's update per group index,
+        # deferred until the group is next resident: {group index: (t, grad, lr, weight_decay)}
+        self.offloader = None
+        self._pending: dict[int, tuple[int, float, float, float]] = {}
 
     def key(self, p: torch.Tensor) -> int:
         return self._keys[p]
@@ -96,9 +107,77 @@ class ZOMethod(Method):
     def metrics(self) -> dict:
         return dict(self._last)
 
+    # ----------------------------------------------------------------- per-group operations
+    # A ZO method that supports offloading implements these two; the offloaded step (below) and
+    # ``zoexp.offload`` call them one block at a time while the block is resident.
+
+    def zo_group_ids(self) -> list[int]:
+        """Indices of the param groups this method perturbs (all by default; hybrids exclude FO groups)."""
+        return list(range(len(self.param_groups)))
+
+    def perturb_group_(self, group: dict, t: int, scale: float) -> None:
+        """θ_g += scale · ε · d_t (d_t: step t's direction restricted to the group)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support offloading")
+
+    def update_group_(self, group: dict, t: int, grad: float, lr: float, weight_decay: float) -> None:
+        """θ_g ← θ_g − lr (grad · d_t + λ θ_g), from unperturbed weights."""
+        raise NotImplementedError(f"{type(self).__name__} does not support offloading")
+
+    # ----------------------------------------------------------------- offloading
+
+    def attach_offloader(self, offloader) -> None:
+        """Run steps through ``offloader``'s dual forward (``zoexp.offload.enable_offload`` calls this)."""
+        self.offloader = offloader
+        offloader.on_resident = self.apply_pending
+
+    @torch.no_grad()
+    def apply_pending(self, group_ids) -> bool:
+        """Apply the deferred update of these groups (they must be resident); True if any was applied."""
+        applied = False
+        for gi in group_ids:
+            record = self._pending.pop(gi, None)
+            if record is not None:
+                self.update_group_(self.param_groups[gi], *record)
+                applied = True
+        return applied
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        if self.offloader is None:
+            self.apply_pending(list(self._pending))
+        else:
+            self.offloader.visit_groups(list(self._pending), self.apply_pending)
+
+    def offloaded_zo_step(self, closure) -> tuple[float, float, float, bool]:
+        """Step t's (loss+, loss−, projected grad, finite) from one dual forward through the offloader.
+
+        Each block, while resident, first receives step t−1's deferred update, then is perturbed +ε
+        for the + stream, −ε for the − stream and restored (``zoexp.offload.dual_lm_loss``); step t's
+        update is deferred in turn (ZO2's lazy update), so every block crosses the bus once per step.
+        """
+        from zoexp.offload import DualPerturbation
+
+        dual = getattr(closure, "dual", None)
+        if dual is None:
+            raise TypeError("an offloaded ZO step needs the runner's loss closure (with a .dual method)")
+        t = self.steps_done
+        perturbation = DualPerturbation(self, t)
+        loss_plus, loss_minus = (loss_value(v) for v in dual(perturbation))
+        perturbation.close()
+        eps0 = self.param_groups[self.zo_group_ids()[0]]["eps"]
+        grad = (loss_plus - loss_minus) / (2 * eps0)
+        ok = finite(loss_plus, loss_minus)
+        if ok:
+            self._pending = {gi: (t, grad, self.param_groups[gi]["lr"], self.param_groups[gi]["weight_decay"])
+                             for gi in self.zo_group_ids()}
+        return loss_plus, loss_minus, grad, ok
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done}
+        sd["zo"] = {"seed": self.seed, "steps_done": self.steps_done,
+                    "pending": {int(k): list(v) for k, v in self._pending.items()}}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -107,6 +186,7 @@ class ZOMethod(Method):
         super().load_state_dict(state_dict)
         if zo is not None:
             self.seed, self.steps_done = int(zo["seed"]), int(zo["steps_done"])
+            self._pending = {int(k): (int(v[0]), *map(float, v[1:])) for k, v in zo.get("pending", {}).items()}
 
 
 def loss_value(loss) -> float:

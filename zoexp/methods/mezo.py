@@ -18,6 +18,9 @@ class MeZO(ZOMethod):
     fused into one pass over the weights: θ ← (1 − ηλ)(θ − εz) + ((1 − ηλ)ε − ηg) z, so a step
     regenerates z three times and touches each weight three times. In-place ± perturbation restores
     θ up to floating-point rounding (one ulp in fp32); see README "Numerics".
+
+    With an offloader attached (``run.offload=true``) a step is one dual forward through resident
+    blocks and the update is deferred to the block's next residency (``ZOMethod.offloaded_zo_step``).
     """
 
     forward_passes_per_step = 2
@@ -33,6 +36,11 @@ class MeZO(ZOMethod):
     def step(self, closure):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss")
+        if self.offloader is not None:
+            loss_plus, loss_minus, grad, _ = self.offloaded_zo_step(closure)
+            self._last = {"proj_grad": grad, "loss_plus": loss_plus, "loss_minus": loss_minus}
+            self.steps_done += 1
+            return torch.tensor((loss_plus + loss_minus) / 2)
         seed = self.step_seed()
         for group in self.param_groups:
             self.noise.add_(self.items([group]), seed, group["eps"])
@@ -62,3 +70,22 @@ class MeZO(ZOMethod):
             a = 1.0 - lr * wd
             coef = a * eps - lr * grad
             self.noise.visit(decay, seed, lambda view, z, *_: view.mul_(a).add_(z, alpha=coef))
+
+    def draws_per_step(self) -> int:
+        """Random numbers one step draws (z over every parameter, regenerated three times)."""
+        return sum(p.numel() for _, p in self.items())
+
+    # per-group operations for offloaded steps (ZOMethod.offloaded_zo_step)
+
+    def perturb_group_(self, group, t, scale) -> None:
+        self.noise.add_(self.items([group]), self.step_seed(t), scale * group["eps"])
+
+    def update_group_(self, group, t, grad, lr, weight_decay) -> None:
+        seed = self.step_seed(t)
+        decay = [(k, p) for k, p in self.items([group]) if weight_decay and decays(p)]
+        plain = [(k, p) for k, p in self.items([group]) if not (weight_decay and decays(p))]
+        if plain:
+            self.noise.add_(plain, seed, -lr * grad)
+        if decay:
+            a = 1.0 - lr * weight_decay
+            self.noise.visit(decay, seed, lambda view, z, *_: view.mul_(a).add_(z, alpha=-lr * grad))

@@ -116,3 +116,26 @@ class NoiseSource:
     def add_(self, items: Iterable[tuple[int, torch.Tensor]], seed: int, alpha: float) -> None:
         """p += alpha * z for every (key, p)."""
         self.visit(items, seed, lambda view, z, *_: view.add_(z, alpha=alpha))
+
+
+# --------------------------------------------------------------------------- low-rank factors (HZO)
+
+U_TAG = 0x55  # ord("U")
+V_TAG = 0x56  # ord("V")
+
+
+def factor_seed(seed: int, tag: int, index: int) -> int:
+    """Seed of the ``tag`` factors (``U_TAG`` per step, ``V_TAG`` per period) of draw ``index``."""
+    return mix(seed, tag, index)
+
+
+def lowrank_factor(rows: int, rank: int, key: int, seed: int, dtype=torch.float32, device="cpu",
+                   chunk: int = CHUNK) -> torch.Tensor:
+    """A (rows x rank) standard-normal factor of parameter ``key``, regenerated from ``seed``.
+
+    Defined by the same chunk rule as z (flat chunk c seeded by ``mix(seed, key, c)``), with ``seed``
+    from ``factor_seed`` -- so U of step t and V of period k never collide with z or with each other,
+    and a parameter's factors do not depend on which other parameters are perturbed. A factor holds
+    rows x rank numbers: drawing it costs r(m+n) per m x n matrix instead of m n for z.
+    """
+    return reference_noise((rows, rank), key, seed, dtype=dtype, device=device, chunk=chunk)
