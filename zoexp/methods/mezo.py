@@ -23,11 +23,12 @@ class MeZO(ZOMethod):
     forward_passes_per_step = 2
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0, noise_threads: int | None = None, chunk: int | None = None):
+                 seed: int = 0, noise_threads: int | None = None, chunk: int | None = None,
+                 noise: str | None = None):
         if lr < 0 or eps <= 0 or weight_decay < 0:
             raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0 (got {lr}, {eps}, {weight_decay})")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         noise_threads=noise_threads, chunk=chunk)
+                         noise_threads=noise_threads, chunk=chunk, noise=noise)
 
     @torch.no_grad()
     def step(self, closure):
