@@ -109,11 +109,32 @@ def measure(cfg: DictConfig) -> dict:
             "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
         })
         noise = getattr(optimizer, "noise", None)
-        if noise is not None:
+        if noise is not None:  # where a ZO step's time goes besides the forwards: one pass of z
             row["noise"] = noise.implementation(device)
+            row.update(_z_pass(optimizer, repeats, sync))
     row.update(meter.values)
     row["load_avg"] = [round(x, 2) for x in (*load_start, *os.getloadavg())]  # 1/5/15 min at start, at end
     return row
+
+
+def _z_pass(optimizer, repeats: int, sync) -> dict:
+    """Seconds (wall and CPU) of one ``noise.add_`` pass of z over every parameter the method holds --
+    the unit a ZO step repeats (MeZO: 3 per step). It moves the weights; the measuring process ends here."""
+    import torch
+
+    items = list(optimizer.items())
+    wall, cpu = [], []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            optimizer.noise.add_(items, 1000 + i, 1e-3)
+            sync()
+            if i:  # the first pass may still pay one-off costs
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+    return {"z_pass_s": statistics.median(wall), "z_pass_cpu_s": statistics.median(cpu),
+            "z_pass_numel": sum(p.numel() for _, p in items)}
 
 
 def _fixed_length(ex, tok, seq_len: int):
@@ -157,7 +178,7 @@ def timing_table(rows: list[dict]) -> str:
     forward passes x forward CPU seconds, all threads together) is less sensitive to other processes.
     """
     head = ["method", "noise", "threads", "forward s (CPU s)", "step s (CPU s)", "ratio (CPU-time ratio)",
-            "load avg at start / end"]
+            "z pass s (CPU s)", "ns / number (CPU)", "load avg at start / end"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         load = r.get("load_avg") or []
@@ -166,6 +187,8 @@ def timing_table(rows: list[dict]) -> str:
             f"{r['forward_s']:.3f} ({r['forward_cpu_s']:.3f})" if "forward_cpu_s" in r else f"{r['forward_s']:.3f}",
             f"{r['step_s']:.3f} ({r['step_cpu_s']:.3f})" if "step_cpu_s" in r else "—",
             f"{r['overhead_ratio']:.2f} ({r['overhead_ratio_cpu']:.2f})" if "overhead_ratio_cpu" in r else "—",
+            f"{r['z_pass_s']:.3f} ({r['z_pass_cpu_s']:.3f})" if "z_pass_s" in r else "—",
+            f"{1e9 * r['z_pass_cpu_s'] / r['z_pass_numel']:.2f}" if r.get("z_pass_numel") else "—",
             f"{load[0]:.1f} / {load[3]:.1f}" if len(load) == 6 else "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")
