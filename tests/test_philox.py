@@ -173,3 +173,26 @@ def test_backend_from_environment_and_validation(monkeypatch):
 @needs_kernel
 def test_build_is_cached():
     assert philox.build() == KERNEL.path
+
+
+@needs_kernel
+@pytest.mark.parametrize("job", [128, 256, 1 << 18])
+def test_fused_add_and_scale_add_equal_torch_ops_whatever_the_job_split(job):
+    params = [torch.randn(2500), torch.randn(30, 70), torch.randn(5)]
+    src = NoiseSource(chunk=1000, threads=3, backend="philox")
+    src.FUSED_JOB = job  # several kernel jobs per seeded chunk
+    added, scaled = [p.clone() for p in params], [p.clone() for p in params]
+    src.add_(list(enumerate(added)), 9, -3e-3)
+    src.scale_add_(list(enumerate(scaled)), 9, 0.999, 2e-3)
+    for key, p in enumerate(params):
+        z = reference_noise(p.shape, key, 9, chunk=1000, backend="philox")
+        assert torch.equal(added[key], p.clone().add_(z, alpha=-3e-3))
+        assert torch.equal(scaled[key], p.clone().mul_(0.999).add_(z, alpha=2e-3))
+
+
+@pytest.mark.parametrize("backend", ["torch", "philox"])
+def test_scale_add_on_the_visit_path(backend):
+    p = torch.randn(40, 30, dtype=torch.bfloat16)  # not float32: never fused
+    want = p.clone().mul_(0.5).add_(reference_noise(p.shape, 2, 4, dtype=torch.bfloat16, backend=backend), alpha=0.25)
+    NoiseSource(backend=backend, threads=2).scale_add_([(2, p)], 4, 0.5, 0.25)
+    assert torch.equal(p, want)

@@ -212,19 +212,41 @@ class NoiseSource:
         Float32 CPU tensors go through the C kernel's fused axpy when it rounds exactly like torch's
         ``add_(z, alpha=alpha)`` (checked when the kernel loads): one pass over the weights, no z buffer.
         """
-        fused, rest = [], []
+        rest = self._fused(items, seed, lambda k, job: k.axpy_ptr(job[0], job[1], job[2], alpha, job[3]))
+        if rest:
+            self.visit(rest, seed, lambda view, z, *_: view.add_(z, alpha=alpha))
+
+    def scale_add_(self, items: Iterable[tuple[int, torch.Tensor]], seed: int, scale: float, alpha: float) -> None:
+        """p ← scale * p + alpha * z for every (key, p), exactly as ``p.mul_(scale).add_(z, alpha=alpha)``
+        (weight decay fused with a restore or update), in one fused pass where ``add_`` is fused."""
+        rest = self._fused(items, seed, lambda k, job: k.scale_axpy_ptr(job[0], job[1], job[2], scale, alpha, job[3]))
+        if rest:
+            self.visit(rest, seed, lambda view, z, *_: view.mul_(scale).add_(z, alpha=alpha))
+
+    #: elements per job of the fused kernels: several per chunk, so the workers finish together
+    FUSED_JOB = 1 << 18
+
+    def _fused(self, items, seed: int, run: Callable) -> list[tuple[int, torch.Tensor]]:
+        """Run ``run(kernel, (chunk seed, start in chunk, n, address))`` over the float32 CPU tensors of
+        ``items`` with the fused kernel; return the (key, tensor) pairs it cannot take."""
         kernel = philox.kernel() if self.backend != "torch" else None
+        fused, rest = [], []
         for key, p in items:
             if (kernel is not None and kernel.axpy_matches_torch and p.device.type == "cpu"
                     and p.dtype == torch.float32 and p.is_contiguous()):
                 fused.append((key, p))
             else:
                 rest.append((key, p))
-        if rest:
-            self.visit(rest, seed, lambda view, z, *_: view.add_(z, alpha=alpha))
-        if fused:
-            jobs = [(mix(seed, key, c), b - a, p.data_ptr() + 4 * a)
-                    for key, p in fused for c, (a, b) in enumerate(chunk_slices(p.numel(), self.chunk))]
-            self._map(lambda job: kernel.axpy_ptr(job[0], 0, job[1], alpha, job[2]), jobs, cpu=True)
-            for _, p in fused:  # written through a raw pointer: tell autograd the tensor changed
-                torch.autograd.graph.increment_version(p)
+        if not fused:
+            return rest
+        jobs = []
+        step = max(philox.BLOCK * 2, self.FUSED_JOB // (philox.BLOCK * 2) * (philox.BLOCK * 2))
+        for key, p in fused:
+            base = p.data_ptr()
+            for c, (a, b) in enumerate(chunk_slices(p.numel(), self.chunk)):
+                s = mix(seed, key, c)
+                jobs.extend((s, o - a, min(step, b - o), base + 4 * o) for o in range(a, b, step))
+        self._map(lambda job: run(kernel, job), jobs, cpu=True)
+        for _, p in fused:  # written through a raw pointer: tell autograd the tensor changed
+            torch.autograd.graph.increment_version(p)
+        return rest

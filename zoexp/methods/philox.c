@@ -172,7 +172,7 @@ void zo_philox_normal(uint64_t s, int64_t start, int64_t n, float *restrict out)
     }
 }
 
-/* p[0:n] = fma(alpha, z[start:start+n], p[0:n]): torch's add_(z, alpha=alpha), without a z buffer */
+/* p[0:n] = fma(alpha, z[start:start+n], p[0:n]): torch's p.add_(z, alpha=alpha), without a z buffer */
 void zo_philox_axpy(uint64_t s, int64_t start, int64_t n, float alpha, float *restrict p) {
     float tmp[GROUP];
     for (int64_t i = 0; i < n;) {
@@ -182,6 +182,24 @@ void zo_philox_axpy(uint64_t s, int64_t start, int64_t n, float alpha, float *re
         float *q = p + i;
         const float *z = tmp + off;
         for (int64_t t = 0; t < take; t++) q[t] = fmaf(alpha, z[t], q[t]);
+        i += take;
+    }
+}
+
+/* p[0:n] = fma(alpha, z[start:start+n], scale * p[0:n]) with scale * p rounded first:
+ * torch's p.mul_(scale).add_(z, alpha=alpha) (weight decay fused with the update) */
+void zo_philox_scale_axpy(uint64_t s, int64_t start, int64_t n, float scale, float alpha, float *restrict p) {
+    float tmp[GROUP];
+    for (int64_t i = 0; i < n;) {
+        int64_t e = start + i, g = e / GROUP, off = e % GROUP;
+        int64_t take = GROUP - off < n - i ? GROUP - off : n - i;
+        group(s, (uint64_t)g, tmp);
+        float *q = p + i;
+        const float *z = tmp + off;
+        for (int64_t t = 0; t < take; t++) {
+            float scaled = scale * q[t];
+            q[t] = fmaf(alpha, z[t], scaled);
+        }
         i += take;
     }
 }

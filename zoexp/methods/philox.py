@@ -141,10 +141,14 @@ class Kernel:
         lib.zo_philox_axpy.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                        ctypes.c_void_p]
         lib.zo_philox_axpy.restype = None
+        lib.zo_philox_scale_axpy.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                             ctypes.c_float, ctypes.c_void_p]
+        lib.zo_philox_scale_axpy.restype = None
         lib.zo_philox4x32_10.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 3
         lib.zo_philox4x32_10.restype = None
         self.lib, self.path = lib, path
-        #: whether ``axpy_`` rounds exactly like torch's ``add_(z, alpha=)`` here (checked on load)
+        #: whether the fused kernels round exactly like torch's ``add_(z, alpha=)`` and
+        #: ``mul_(scale).add_(z, alpha=)`` here (checked on load; if not, zoexp does not use them)
         self.axpy_matches_torch = False
 
     def normal_(self, s: int, start: int, out: torch.Tensor) -> torch.Tensor:
@@ -155,6 +159,10 @@ class Kernel:
     def axpy_ptr(self, s: int, start: int, n: int, alpha: float, ptr: int) -> None:
         """p[0:n] = fma(alpha, z[start:start + n], p[0:n]) for the float32 array at address ``ptr``."""
         self.lib.zo_philox_axpy(s, start, n, alpha, ptr)
+
+    def scale_axpy_ptr(self, s: int, start: int, n: int, scale: float, alpha: float, ptr: int) -> None:
+        """p[0:n] = fma(alpha, z[start:start + n], scale * p[0:n]) (scale * p rounded first)."""
+        self.lib.zo_philox_scale_axpy(s, start, n, scale, alpha, ptr)
 
     def block_words(self, ctr: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, ...]:
         out = (ctypes.c_uint32 * 4)()
@@ -170,11 +178,13 @@ class Kernel:
             got = self.normal_(s, start, torch.empty(n))
             if not torch.equal(got, normal(s, start, n)):
                 return "kernel output differs from the torch definition"
-        p = torch.linspace(-3, 3, 999)
-        alpha = -0.0123456789
-        ref = p.clone().add_(normal(7, 5, p.numel()), alpha=alpha)
+        p, q = torch.linspace(-3, 3, 999), torch.linspace(-3, 3, 999)
+        alpha, scale = -0.0123456789, 0.9999876
+        z = normal(7, 5, p.numel())
+        ref_p, ref_q = p.clone().add_(z, alpha=alpha), q.clone().mul_(scale).add_(z, alpha=alpha)
         self.axpy_ptr(7, 5, p.numel(), alpha, p.data_ptr())
-        self.axpy_matches_torch = torch.equal(p, ref)
+        self.scale_axpy_ptr(7, 5, q.numel(), scale, alpha, q.data_ptr())
+        self.axpy_matches_torch = torch.equal(p, ref_p) and torch.equal(q, ref_q)
         return None
 
 
