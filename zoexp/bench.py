@@ -110,7 +110,8 @@ def measure(cfg: DictConfig) -> dict:
         })
         noise = getattr(optimizer, "noise", None)
         if noise is not None:  # where a ZO step's time goes besides the forwards: one pass of z
-            row["noise"] = noise.implementation(device)
+            impl = getattr(noise, "implementation", None)  # (older NoiseSource: torch's generator only)
+            row["noise"] = impl(device) if impl else "torch"
             row.update(_z_pass(optimizer, repeats, sync))
     row.update(meter.values)
     row["load_avg"] = [round(x, 2) for x in (*load_start, *os.getloadavg())]  # 1/5/15 min at start, at end
