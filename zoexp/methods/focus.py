@@ -40,10 +40,10 @@ class FOCUS(HiZOO):
                  abs_estimate: bool = False, active_blocks: int = 2, interval: int = 10,
                  rule: str = "gsd-bandit", p_min: float = 0.01, bandit_lr: float = 1e-4,
                  score_bound: float | None = None, mezo_lr: float | None = None, seed: int = 0,
-                 noise_threads: int | None = None, chunk: int | None = None):
+                 noise_threads: int | None = None, chunk: int | None = None, noise: str | None = None):
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, hessian_smooth=hessian_smooth,
                          hessian_min=hessian_min, hessian_max=hessian_max, abs_estimate=abs_estimate,
-                         seed=seed, noise_threads=noise_threads, chunk=chunk)
+                         seed=seed, noise_threads=noise_threads, chunk=chunk, noise=noise)
         if rule not in RULES:
             raise ValueError(f"unknown FOCUS rule {rule!r}; choose one of {', '.join(RULES)}")
         if int(interval) < 1 or int(active_blocks) < 1:

@@ -52,7 +52,7 @@ class HiZOO(ZOMethod):
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  hessian_smooth: float = 1e-9, hessian_min: float = 1e-3, hessian_max: float = 1e3,
                  abs_estimate: bool = False, seed: int = 0, noise_threads: int | None = None,
-                 chunk: int | None = None):
+                 chunk: int | None = None, noise: str | None = None):
         if lr < 0 or eps <= 0 or weight_decay < 0:
             raise ValueError(f"{type(self).__name__} needs lr >= 0, eps > 0, weight_decay >= 0 "
                              f"(got {lr}, {eps}, {weight_decay})")
@@ -61,7 +61,7 @@ class HiZOO(ZOMethod):
         if not 0 < hessian_min <= 1 <= hessian_max:
             raise ValueError(f"need 0 < hessian_min <= 1 <= hessian_max (got {hessian_min}, {hessian_max})")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         noise_threads=noise_threads, chunk=chunk)
+                         noise_threads=noise_threads, chunk=chunk, noise=noise)
         self.eps = float(eps)
         self.hessian_smooth = float(hessian_smooth)
         self.hessian_min, self.hessian_max = float(hessian_min), float(hessian_max)

@@ -74,7 +74,7 @@ class HZO(ZOMethod):
                  partition: str = "zf", fo_extra: list[str] | None = None, fo_optimizer: str = "adam",
                  fo_lr: float = 1e-4, fo_weight_decay: float = 0.0, fo_every: int | None = None,
                  fo_kwargs: dict | None = None, seed: int = 0, noise_threads: int | None = None,
-                 chunk: int | None = None):
+                 chunk: int | None = None, noise: str | None = None):
         if lr < 0 or eps <= 0 or weight_decay < 0 or fo_lr < 0:
             raise ValueError(f"HZO needs lr >= 0, eps > 0, weight_decay >= 0, fo_lr >= 0 (got {lr}, {eps}, {weight_decay}, {fo_lr})")
         if rank is not None and int(rank) < 1:
@@ -82,7 +82,7 @@ class HZO(ZOMethod):
         if int(interval) < 1:
             raise ValueError(f"interval (nu) must be >= 1, not {interval}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         noise_threads=noise_threads, chunk=chunk)
+                         noise_threads=noise_threads, chunk=chunk, noise=noise)
         self.rank = None if rank is None else int(rank)
         self.interval = int(interval)
         self.lowrank_embed = bool(lowrank_embed)
@@ -151,8 +151,8 @@ class HZO(ZOMethod):
         n = p.numel() // m
         r = min(self.rank, m, n)
         chunk = self.noise.chunk
-        u = lowrank_factor(m, r, key, self.u_seed(t), p.dtype, p.device, chunk)
-        v = lowrank_factor(n, r, key, self.v_seed(t), p.dtype, p.device, chunk)
+        u = lowrank_factor(m, r, key, self.u_seed(t), p.dtype, p.device, chunk, self.noise.backend)
+        v = lowrank_factor(n, r, key, self.v_seed(t), p.dtype, p.device, chunk, self.noise.backend)
         return u, v, r
 
     def draws_per_step(self) -> int:

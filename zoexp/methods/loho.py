@@ -21,8 +21,8 @@ class LoHO(HZO):
                  fo_layers: int = 1, partition: str = "zf", fo_extra: list[str] | None = None,
                  fo_optimizer: str = "adam", fo_lr: float = 1e-4, fo_weight_decay: float = 0.0,
                  fo_kwargs: dict | None = None, seed: int = 0, noise_threads: int | None = None,
-                 chunk: int | None = None):
+                 chunk: int | None = None, noise: str | None = None):
         super().__init__(params, lr=lr, eps=eps, rank=None, interval=1, weight_decay=weight_decay,
                          fo_layers=fo_layers, partition=partition, fo_extra=fo_extra,
                          fo_optimizer=fo_optimizer, fo_lr=fo_lr, fo_weight_decay=fo_weight_decay,
-                         fo_every=1, fo_kwargs=fo_kwargs, seed=seed, noise_threads=noise_threads, chunk=chunk)
+                         fo_every=1, fo_kwargs=fo_kwargs, seed=seed, noise_threads=noise_threads, chunk=chunk, noise=noise)

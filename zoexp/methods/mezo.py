@@ -26,11 +26,12 @@ class MeZO(ZOMethod):
     forward_passes_per_step = 2
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0, noise_threads: int | None = None, chunk: int | None = None):
+                 seed: int = 0, noise_threads: int | None = None, chunk: int | None = None,
+                 noise: str | None = None):
         if lr < 0 or eps <= 0 or weight_decay < 0:
             raise ValueError(f"MeZO needs lr >= 0, eps > 0, weight_decay >= 0 (got {lr}, {eps}, {weight_decay})")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
-                         noise_threads=noise_threads, chunk=chunk)
+                         noise_threads=noise_threads, chunk=chunk, noise=noise)
 
     @torch.no_grad()
     def step(self, closure):
@@ -42,34 +43,48 @@ class MeZO(ZOMethod):
             self.steps_done += 1
             return torch.tensor((loss_plus + loss_minus) / 2)
         seed = self.step_seed()
-        for group in self.param_groups:
-            self.noise.add_(self.items([group]), seed, group["eps"])
+        self._perturb(seed, 1.0)
         loss_plus = loss_value(closure())
-        for group in self.param_groups:
-            self.noise.add_(self.items([group]), seed, -2 * group["eps"])
+        self._perturb(seed, -2.0)
         loss_minus = loss_value(closure())
         eps0 = self.param_groups[0]["eps"]
         grad = (loss_plus - loss_minus) / (2 * eps0)
-        ok = finite(loss_plus, loss_minus)
-        for group in self.param_groups:
-            eps, lr, wd = group["eps"], group["lr"], group["weight_decay"]
-            if not ok:  # restore only; the runner stops the run on a non-finite loss
-                self.noise.add_(self.items([group]), seed, eps)
-                continue
-            self._restore_and_update(group, seed, eps, lr, wd, grad)
+        if finite(loss_plus, loss_minus):
+            self._restore_and_update(seed, grad)
+        else:  # restore only; the runner stops the run on a non-finite loss
+            self._perturb(seed, 1.0)
         self._last = {"proj_grad": grad, "loss_plus": loss_plus, "loss_minus": loss_minus}
         self.steps_done += 1
         return torch.tensor((loss_plus + loss_minus) / 2)
 
-    def _restore_and_update(self, group, seed, eps, lr, wd, grad) -> None:
-        decay = [(k, p) for k, p in self.items([group]) if wd and decays(p)]
-        plain = [(k, p) for k, p in self.items([group]) if not (wd and decays(p))]
-        if plain:
-            self.noise.add_(plain, seed, eps - lr * grad)
-        if decay:
-            a = 1.0 - lr * wd
-            coef = a * eps - lr * grad
-            self.noise.visit(decay, seed, lambda view, z, *_: view.mul_(a).add_(z, alpha=coef))
+    # Each pass is one call per distinct coefficient (usually one for the whole model), not one per
+    # group: the noise workers then share all chunks of the model instead of meeting at a barrier
+    # after every block. The per-element arithmetic is the same either way.
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        """θ += scale · ε_group · z."""
+        by_alpha: dict[float, list] = {}
+        for group in self.param_groups:
+            by_alpha.setdefault(scale * group["eps"], []).extend(self.items([group]))
+        for alpha, items in by_alpha.items():
+            self.noise.add_(items, seed, alpha)
+
+    def _restore_and_update(self, seed: int, grad: float) -> None:
+        """θ ← θ + (ε − ηg) z, or with decay θ ← (1 − ηλ) θ + ((1 − ηλ)ε − ηg) z, from θ − εz."""
+        plain: dict[float, list] = {}
+        decay: dict[tuple[float, float], list] = {}
+        for group in self.param_groups:
+            eps, lr, wd = group["eps"], group["lr"], group["weight_decay"]
+            for k, p in self.items([group]):
+                if wd and decays(p):
+                    a = 1.0 - lr * wd
+                    decay.setdefault((a, a * eps - lr * grad), []).append((k, p))
+                else:
+                    plain.setdefault(eps - lr * grad, []).append((k, p))
+        for alpha, items in plain.items():
+            self.noise.add_(items, seed, alpha)
+        for (a, coef), items in decay.items():
+            self.noise.scale_add_(items, seed, a, coef)
 
     def draws_per_step(self) -> int:
         """Random numbers one step draws (z over every parameter, regenerated three times)."""
@@ -87,5 +102,4 @@ class MeZO(ZOMethod):
         if plain:
             self.noise.add_(plain, seed, -lr * grad)
         if decay:
-            a = 1.0 - lr * weight_decay
-            self.noise.visit(decay, seed, lambda view, z, *_: view.mul_(a).add_(z, alpha=-lr * grad))
+            self.noise.scale_add_(decay, seed, 1.0 - lr * weight_decay, -lr * grad)
