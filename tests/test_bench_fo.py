@@ -23,6 +23,12 @@ def test_first_order_rows_carry_state_gradient_and_model_bytes(fixture_data_dir)
     assert badam["optimizer_grad_bytes_max"] == layer  # one active block's gradients, nothing else
     assert badam["optimizer_state_bytes"] == 2 * layer + 4 * 16  # Adam moments + 16 step counters
     assert badam["trainable_params"] == 4 * (layer // 4)  # numel of all four layers (trained one at a time)
-    assert peak_over_d(badam) is not None and peak_over_d(badam) > 0
+    # in-process (a pytest process already holding earlier tests' memory) the tiny model may not grow the
+    # RSS at all, so only the formula is checked here; zoexp-bench measures each method in a fresh process
+    assert peak_over_d(badam) is not None and peak_over_d(badam) >= 0
+    assert peak_over_d({"model_bytes": 100, "step_s": 1.0, "mem/train_rss_peak_bytes": 1250,
+                        "mem/runtime_rss_bytes": 1000}) == 2.5
+    assert peak_over_d({"model_bytes": 100, "mem/inference_gpu_allocated_peak_bytes": 300,
+                        "mem/inference_rss_peak_bytes": 9999, "mem/runtime_rss_bytes": 1}) == 3.0
     md = table([zero, badam])
     assert "FOCUS Table 1" in md and THEORY["badam"] in md and "state + grad (MiB)" in md
