@@ -42,7 +42,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 demo: setup
-	$(BIN)/zoexp method.lr=2e-5 run.steps=40 run.eval_every=20 task.num_dev=200 task.num_test=500
+	$(BIN)/zoexp method.lr=3e-5 run.loss=auto run.steps=60 run.batch_size=16 run.eval_every=30 task.num_dev=100 task.num_test=500 run.max_length=256
 
 bench: setup
 	$(BIN)/zoexp-bench model=smollm2-135m run.batch_size=16
