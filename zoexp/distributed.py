@@ -218,6 +218,8 @@ class DataParallel(Single):
                 combined[key] = n
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 combined[key] = sum(r[key] * r["n"] for r in filled) / n
+            elif isinstance(value, list):  # per-example records (run.save_predictions): every shard's
+                combined[key] = [x for r in filled for x in r[key]]
             else:
                 combined[key] = value
         return combined

@@ -15,8 +15,11 @@ from zoexp.tasks import Example, Task
 @torch.no_grad()
 def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], batch_size: int = 16,
              progress: Callable[[int], None] | None = None, max_new_tokens: int | None = None,
-             share_prompts: bool = True, prefix_cache: bool = True) -> dict:
+             share_prompts: bool = True, prefix_cache: bool = True, predictions: list | None = None) -> dict:
     """Metrics of ``task`` on ``examples``, e.g. {"acc": 0.81, "n": 1000}.
+
+    ``predictions``: a list to append one dict per example to (``run.save_predictions``, see
+    ``prediction_records``).
 
     Classification: the candidate with the highest mean log-likelihood; correct if it is one of the gold
     candidates. Generation: greedy decoding up to ``max_new_tokens`` (default: the task's), cut at the
@@ -41,12 +44,16 @@ def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], b
             else:
                 scores = score_candidates(model, encoder, examples, encoder.tok.pad_token_id, batch_size,
                                           progress=progress, share=share_prompts, prefix_cache=prefix_cache)
-            predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
-            correct = [p in ex.gold_labels for p, ex in zip(predictions, examples)]
+            predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
+            correct = [p in ex.gold_labels for p, ex in zip(predicted, examples)]
+            if predictions is not None:
+                predictions.extend(prediction_records(examples, scores=scores, predicted=predicted))
             return {"acc": sum(correct) / len(examples), "n": len(examples)}
         max_new = int(max_new_tokens if max_new_tokens is not None else task.max_new_tokens)
         outputs = generate(model, encoder, examples, batch_size, max_new, stop=task.stop, progress=progress,
                            prefix_cache=prefix_cache)
+        if predictions is not None:
+            predictions.extend(prediction_records(examples, outputs=outputs))
         return {
             "f1": sum(f1(o, ex.answers) for o, ex in zip(outputs, examples)) / len(examples),
             "em": sum(exact_match(o, ex.answers) for o, ex in zip(outputs, examples)) / len(examples),
@@ -54,6 +61,27 @@ def evaluate(model, encoder: Encoder, task: Task, examples: Sequence[Example], b
         }
     finally:
         model.train(was_training)
+
+
+def prediction_records(examples: Sequence[Example], scores=None, predicted=None, outputs=None) -> list[dict]:
+    """One JSON-ready dict per example, like lm-eval's ``--log_samples``: the example id, its prompt and gold,
+    and either each candidate's score (mean log-likelihood) and the predicted candidate (classification) or
+    the generated text with its F1 / exact match against the gold answers (generation)."""
+    records = []
+    for i, ex in enumerate(examples):
+        rec = {"id": ex.id, "prompt": ex.prompt}
+        if outputs is None:
+            golds = ex.gold_labels
+            rec.update(gold=golds[0] if len(golds) == 1 else golds,
+                       gold_text=[ex.candidates[g] for g in golds] if len(golds) > 1 else ex.candidates[golds[0]],
+                       candidates=list(ex.candidates), scores=[float(x) for x in scores[i]],
+                       prediction=int(predicted[i]), prediction_text=ex.candidates[predicted[i]],
+                       correct=predicted[i] in golds)
+        else:
+            rec.update(gold=list(ex.answers), prediction=outputs[i], f1=f1(outputs[i], ex.answers),
+                       em=exact_match(outputs[i], ex.answers))
+        records.append(rec)
+    return records
 
 
 @torch.no_grad()

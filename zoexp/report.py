@@ -43,7 +43,7 @@ PROTOCOL_FIELDS = ("model", "task_version", "task_protocol", "dtype", "run.steps
                    "run.eval_every", "run.lr_schedule")
 # Run settings that are part of the chosen configuration (the rest of `run` is bookkeeping).
 _RUN_BOOKKEEPING = ("seed", "progress", "results_file", "dir", "eval_batch_size", "log_every", "save_best",
-                    "keep_best", "device")
+                    "keep_best", "device", "save_predictions", "accumulation_steps")
 
 
 class ReportError(RuntimeError):

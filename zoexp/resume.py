@@ -56,7 +56,7 @@ PLACEMENT_KEYS = {
     "run.resume", "run.name", "run.dir", "run.progress", "run.results_file", "run.device",
     "run.checkpoint_every", "run.checkpoint_keep", "run.keep_checkpoints",
     "run.distributed", "run.dist_backend", "run.dist_timeout_min", "run.eval_batch_size",
-    "model.device_map", "model.max_memory", "method.noise_threads",
+    "model.device_map", "model.max_memory", "method.noise_threads", "run.save_predictions",
 }
 
 
@@ -184,7 +184,8 @@ def _flatten(node, prefix: str = "") -> dict:
 def run_identity(cfg: DictConfig) -> dict:
     """The config keys that determine a run's trajectory (dotted), without the placement keys."""
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: v for k, v in flat.items() if k not in PLACEMENT_KEYS and not k.startswith("hydra.")}
+    return {k: v for k, v in flat.items()
+            if k not in PLACEMENT_KEYS and not k.startswith(("hydra.", "logger."))}
 
 
 def fingerprint(identity: dict) -> str:

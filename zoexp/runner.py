@@ -22,8 +22,9 @@ from zoexp import distributed, resume
 from zoexp.checkpoint import file_crc32, load_into, save_tensors
 from zoexp.evaluation import evaluate
 from zoexp.icl import with_demonstrations
+from zoexp.loggers import MetricsLogger, learning_rate, memory_peaks
 from zoexp.measure import Meter, device_name
-from zoexp.methods import META_KEYS, build_method
+from zoexp.methods import META_KEYS, ZOMethod, build_method
 from zoexp.models import count_params, load_model, model_devices, resolve_device, resolve_dtype
 from zoexp.results import append_row, git_commit, versions
 from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
@@ -92,27 +93,36 @@ class LossClosure:
     tokens, or examples for ``classification``), so the parts' losses -- and their gradients -- add up
     to those of the whole batch. The parts of one batch count as one forward pass.
 
+    ``accumulation_steps = k > 1`` (``run.accumulation_steps``, ZO gradient accumulation): a plain
+    ``closure()`` returns the sum of the k parts' losses, computed one micro-batch after the other under
+    the same weights -- the same perturbation -- so the whole batch's loss comes from k smaller forward
+    passes (k times less activation memory; still one forward pass in the counts).
+
     ``dual(perturbation)`` is the offloaded variant for ZO methods: both perturbed losses from one pass
     through resident blocks (``zoexp.offload.dual_lm_loss``); it counts as two forward passes.
     """
 
     def __init__(self, model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
-                 loss: str = "lm"):
+                 loss: str = "lm", accumulation_steps: int = 1):
         self.model, self.encoder, self.batch, self.pad_id, self.counters = model, encoder, batch, pad_id, counters
         self.loss = loss
+        self.accumulation_steps = int(accumulation_steps)
         self.loss_fn = {"lm": lm_loss, "classification": classification_loss}[loss]
         self.n_tokens = [request_tokens(encoder, [ex], loss) for ex in batch]
         self.weights = [distributed.loss_weight(encoder, [ex], loss) for ex in batch]
 
     def __call__(self, part: int = 0, parts: int = 1):
         batch, counters = self.batch, self.counters
+        if parts == 1 and self.accumulation_steps > 1:
+            k = self.accumulation_steps
+            return sum(self(p, k) for p in range(k))
         if parts == 1:
             counters.forward_passes += 1
             counters.tokens += sum(self.n_tokens)
             return self.loss_fn(self.model, self.encoder, batch, self.pad_id)
         if not 0 <= part < parts <= len(batch):
             raise ValueError(f"cannot split a batch of {len(batch)} examples into {parts} parts (part {part}); "
-                             "accumulation steps must not exceed run.batch_size")
+                             "accumulation steps must not exceed run.batch_size (per process)")
         lo, hi = part * len(batch) // parts, (part + 1) * len(batch) // parts
         counters.forward_passes += part == 0
         counters.tokens += sum(self.n_tokens[lo:hi])
@@ -122,6 +132,9 @@ class LossClosure:
     def dual(self, perturbation):
         from zoexp.offload import dual_lm_loss
 
+        if self.accumulation_steps > 1:
+            raise ValueError("run.offload streams each block once per step for the whole batch: it does not "
+                             "combine with run.accumulation_steps > 1")
         if self.loss != "lm":
             raise ValueError("run.offload supports run.loss=lm only")
         self.counters.forward_passes += 2
@@ -130,8 +143,8 @@ class LossClosure:
 
 
 def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
-                 loss: str = "lm") -> LossClosure:
-    return LossClosure(model, encoder, batch, pad_id, counters, loss)
+                 loss: str = "lm", accumulation_steps: int = 1) -> LossClosure:
+    return LossClosure(model, encoder, batch, pad_id, counters, loss, accumulation_steps)
 
 
 def training_loss(cfg: DictConfig, task: Task) -> str:
@@ -144,6 +157,29 @@ def training_loss(cfg: DictConfig, task: Task) -> str:
     if loss == "classification" and task.type != "classification":
         raise ValueError(f"run.loss=classification needs a classification task; {task.name} is {task.type}")
     return loss
+
+
+def accumulation_steps(cfg: DictConfig, optimizer, offload: bool, world_size: int = 1) -> int:
+    """``run.accumulation_steps`` (ZO micro-batches per step), refusing what it cannot do correctly."""
+    k = int(cfg.run.get("accumulation_steps") or 1)
+    if k == 1:
+        return 1
+    if k < 1:
+        raise ValueError(f"run.accumulation_steps must be >= 1, not {k}")
+    if optimizer is None:
+        raise ValueError(f"run.accumulation_steps={k} needs a training method; {cfg.method.name} does not train")
+    if not isinstance(optimizer, ZOMethod):
+        raise ValueError(f"run.accumulation_steps is for ZO methods; {cfg.method.name} is first-order: "
+                         f"use method.accumulation_steps={k}")
+    if offload:
+        raise ValueError("run.offload streams each block once per step for the whole batch: it does not "
+                         "combine with run.accumulation_steps > 1")
+    per_rank = int(cfg.run.batch_size) // max(world_size, 1)
+    if k > per_rank:
+        raise ValueError(f"run.accumulation_steps={k} exceeds the {per_rank} examples per step"
+                         + (f" per process ({world_size} processes)" if world_size > 1 else "")
+                         + f" of run.batch_size={cfg.run.batch_size}")
+    return k
 
 
 class BestWeights:
@@ -385,8 +421,10 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
 
         offloader = enable_offload(model, optimizer, device, ring=int(cfg.run.get("offload_ring", 3)))
         row.update(offloader.device_bytes())
+    accumulation = accumulation_steps(cfg, optimizer, offload, dist.world_size if dist.enabled else 1)
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True)) and dist.is_main
+    save_predictions = bool(cfg.run.get("save_predictions", False))
     max_new = cfg.run.get("max_new_tokens")
     max_new = int(max_new) if max_new is not None else task.max_new_tokens
     # In-context learning (method=icl): the first k train examples as demonstrations before every
@@ -403,19 +441,28 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                                                   reserve=max_new if task.type == "generation" else 0)
             row.update({f"{k}" if split == "test" else f"{k}_{split}": v for k, v in stats.items()})
 
+        keep = save_predictions and split == "test"
+
         def score(shard) -> dict:
             job = bar.add_task(f"{split} eval", total=len(shard), info="")
+            records = [] if keep else None
             try:
                 with meter.phase("eval"):
-                    return evaluate(model, encoder, task, shard, batch_size=eval_bs,
-                                    progress=lambda n: bar.advance(job, n), max_new_tokens=max_new,
-                                    share_prompts=bool(cfg.run.get("eval_share_prompts", True)),
-                                    prefix_cache=bool(cfg.run.get("eval_prefix_cache", True)))
+                    result = evaluate(model, encoder, task, shard, batch_size=eval_bs,
+                                      progress=lambda n: bar.advance(job, n), max_new_tokens=max_new,
+                                      share_prompts=bool(cfg.run.get("eval_share_prompts", True)),
+                                      prefix_cache=bool(cfg.run.get("eval_prefix_cache", True)),
+                                      predictions=records)
+                return {**result, "predictions": records} if keep else result
             finally:
                 bar.remove_task(job)
 
         t0 = time.perf_counter()
         result = dist.evaluate(score, examples)  # [scale-out] each rank scores its shard
+        if keep:
+            records = result.pop("predictions", None) or []
+            if dist.is_main:
+                row["predictions_file"] = str(write_predictions(run_dir, records, examples))
         if split == "test":
             seconds = time.perf_counter() - t0
             row.update({"eval/test_s": seconds, "eval/test_examples_per_s": len(examples) / max(seconds, 1e-9)})
@@ -428,6 +475,11 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     if optimizer is not None:
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         row.update({"trainable_params": trainable, "forward_passes_per_step": optimizer.forward_passes_per_step})
+        # the +- losses of a ZO step are summed over `accumulation` micro-batches (LossClosure)
+        per_rank = min(int(cfg.run.batch_size), len(data.train)) // (dist.world_size if dist.enabled else 1)
+        row.update({"train/accumulation_steps": accumulation, "train/micro_batch_size": -(-per_rank // accumulation)})
+        metrics = MetricsLogger(run_dir, cfg.get("logger"), OmegaConf.to_container(cfg, resolve=True),
+                                enabled=dist.is_main, console=not progress_on, total_steps=steps)
         keeper = BestWeights(model, str(cfg.run.keep_best), run_dir, name=dist.best_file(),
                              params=[p for g in optimizer.param_groups for p in g["params"]])
         scheduler = _scheduler(optimizer, str(cfg.run.lr_schedule), steps)
@@ -447,6 +499,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             optimizer.flush()  # deferred (offloaded) updates land before the weights are evaluated
             result = run_eval(data.dev, "dev")
             counters.dev_curve.append({"step": step, metric: result[metric], "train_time_s": t_train})
+            metrics.log_eval(step, "dev", result)
             log.info("step %d dev %s = %.4f", step, metric, result[metric])
             if result[metric] > best["value"]:
                 best.update(value=result[metric], step=step, metrics=result)
@@ -479,12 +532,13 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                 state["evaluated_at"] = at
             return at, state["window"], state["t_train"], state["max_state"], state["evaluated_at"]
 
-        with bar, guard.armed():
+        with bar, guard.armed(), metrics.closed_on_error():
             if plan.checkpoint is not None:  # [scale-out] continue where the checkpoint left off
                 step, window, t_train, max_state, evaluated_at = restore(plan.checkpoint)
             elif cfg.run.get("eval_at_start", False) and data.dev:
                 dev_eval(0)
             start_step = step
+            metrics.start(resume_step=step)
             model.train(optimizer.train_mode)
             job = bar.add_task(f"{cfg.method.name} train", total=steps, completed=step, info="")
             while step < steps:
@@ -494,9 +548,10 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                     while step < segment_end and not dist.stop_requested():
                         batch = [data.train[i] for i in sampler.next()]
                         shard = dist.shard(batch)  # [scale-out] this rank's part of the global batch
-                        closure = make_closure(model, encoder, shard, pad_id, counters, loss_kind)
+                        closure = make_closure(model, encoder, shard, pad_id, counters, loss_kind, accumulation)
                         closure = dist.wrap_closure(closure, distributed.loss_weight(encoder, shard, loss_kind),
                                                     distributed.loss_weight(encoder, batch, loss_kind))
+                        closure.accumulation_steps = accumulation  # HZO's FO step reads it through the wrapper
                         t0 = time.perf_counter()
                         loss = float(optimizer.step(closure))
                         t_train += time.perf_counter() - t0
@@ -508,9 +563,16 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                         max_state = max(max_state, optimizer.state_bytes())
                         window.append(loss)
                         if step % log_every == 0 or step == steps:
-                            counters.curve.append({"step": step, "loss": sum(window) / len(window),
-                                                   "train_time_s": t_train, **optimizer.metrics()})
+                            point = {"step": step, "loss": sum(window) / len(window), "train_time_s": t_train,
+                                     **optimizer.metrics()}
+                            counters.curve.append(point)
                             window.clear()
+                            rss, gpu = memory_peaks(device)
+                            metrics.log_train(step, {"loss": point["loss"], "lr": learning_rate(optimizer),
+                                                     "proj_grad": point.get("proj_grad"),
+                                                     "forward_passes": counters.forward_passes,
+                                                     "tokens": counters.tokens, "train_time_s": t_train,
+                                                     "rss_peak_bytes": rss, "gpu_allocated_peak_bytes": gpu})
                         bar.update(job, advance=1, info=f"loss {loss:.4f}  {t_train / step:.2f} s/step")
                 if dist.stop_requested():  # [scale-out] preemption: save now; a due dev eval runs after resuming
                     raise Preempted(guard.signum, step, checkpoint())
@@ -544,12 +606,15 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             row.update({"checkpoints_written": ckpt.saves, "checkpoint_bytes": ckpt.saved_bytes})
         keeper.restore()
     else:
+        metrics = MetricsLogger(run_dir, enabled=False)
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0,
                     "optimizer_grad_bytes_max": 0})
 
     encoder.reset_truncated()  # count the test set's truncated prompts only
-    with bar, guard.armed():  # [scale-out] a signal now lets the test evaluation finish (the run is complete)
+    with bar, guard.armed(), metrics.closed_on_error():  # [scale-out] a signal now lets the test evaluation finish
         result = run_eval(data.test, "test")
+    metrics.log_eval(steps, "test", result)
+    metrics.close({f"test/{metric}": result.get(metric), f"dev/{metric}": row.get(f"dev/{metric}")})
     for key, value in result.items():
         row[f"test/{key}" if key != "n" else "test/n"] = value
     row["eval/truncated_examples"] = encoder.truncated
@@ -560,6 +625,27 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     if optimizer is not None:
         keeper.cleanup(keep=bool(cfg.run.get("save_best", False)))
     log.info("test %s = %.4f", metric, result[metric])
+
+
+def write_predictions(run_dir: Path, records: list[dict], examples: list[Example]) -> Path:
+    """``predictions.jsonl`` in the run directory, in test-set order, written whole then renamed into place."""
+    import json
+
+    from zoexp.results import _clean
+
+    def key(ex_id) -> str:  # ids may be dicts (MultiRC's idx)
+        return json.dumps(ex_id, sort_keys=True, default=str)
+
+    position = {key(ex.id): i for i, ex in enumerate(examples)}
+    records = sorted(records, key=lambda r: position.get(key(r["id"]), len(position)))
+    path = Path(run_dir) / "predictions.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(_clean(rec), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _scheduler(optimizer, kind: str, steps: int):

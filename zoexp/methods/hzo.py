@@ -258,10 +258,14 @@ class HZO(ZOMethod):
         try:
             for p, _ in flags:
                 p.requires_grad_(id(p) in fo)
+            # run.accumulation_steps = k: the FO gradient of the whole batch from k micro-batches
+            parts = int(getattr(closure, "accumulation_steps", 1) or 1)
+            value = 0.0
             with torch.enable_grad():
-                loss = closure()
-                loss.backward()
-            value = loss_value(loss)
+                for part in range(parts):
+                    loss = closure() if parts == 1 else closure(part, parts)
+                    loss.backward()
+                    value += loss_value(loss)
             if finite(value):
                 self.fo_optimizer.step()
         finally:
