@@ -740,9 +740,16 @@ def report(name: str, profile: str = "cpu", results_dir: str | Path = "results",
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["runs"]:  # an ad-hoc table of any rows (zoexp.runs_table)
+        from zoexp.runs_table import main as runs_main
+
+        return runs_main(argv[1:])
     parser = argparse.ArgumentParser(prog="zoexp-report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="tables: " + ", ".join(table_names()))
+                                     epilog="tables: " + ", ".join(table_names())
+                                     + "\n\nzoexp-report runs [PATH ...] [--group-by method,task] [--metric test/acc]: "
+                                     "mean ± std over seeds of any rows (zoexp-report runs --help)")
     parser.add_argument("tables", nargs="+", help="table names (see below), or `all`")
     parser.add_argument("--profile", default="cpu", choices=PROFILES)
     parser.add_argument("--results-dir", default="results", help="where the sweeps wrote rows (default: results)")

@@ -103,3 +103,38 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def rows_files(path: str | os.PathLike) -> list[Path]:
+    """The JSON-lines row files at ``path``: the file itself, or for a results directory its ``runs.jsonl``
+    and the reproduction sweeps' ``experiments/<table>/<profile>.jsonl``."""
+    path = Path(path)
+    if path.is_dir():
+        return [p for p in [path / "runs.jsonl", *sorted(path.glob("experiments/*/*.jsonl"))] if p.is_file()]
+    return [path] if path.exists() else []
+
+
+def to_frame(path: str | os.PathLike = "results", status: str | None = None):
+    """Result rows as a pandas DataFrame, one row per run.
+
+    ``path``: a rows file (``results/runs.jsonl``, ``results/experiments/focus_table3/cpu.jsonl``) or a
+    results directory (all of its row files). Nested fields become dotted columns (``hparams.lr``,
+    ``run.batch_size``, ``versions.torch``, ``cell.variant``); metric keys stay as they are (``test/acc``,
+    ``dev/acc``, ``time/train_s``); lists (``curve``, ``dev_curve``) stay lists. ``rows_file`` says where
+    each row came from. ``status`` keeps only rows with that status (e.g. ``"ok"``).
+
+        >>> from zoexp.results import to_frame
+        >>> df = to_frame("results/runs.jsonl", status="ok")
+        >>> df.groupby(["method", "task"])["test/acc"].agg(["mean", "std", "count"])
+    """
+    import pandas as pd
+
+    rows = []
+    for file in rows_files(path):
+        rows.extend({**row, "rows_file": str(file)} for row in read_rows(file))
+    if status is not None:
+        rows = [r for r in rows if r.get("status") == status]
+    if not rows:
+        return pd.DataFrame()
+    # dicts inside lists (curve points) are left alone; only nested dicts become columns
+    return pd.json_normalize(rows, sep=".")

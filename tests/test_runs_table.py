@@ -1,0 +1,81 @@
+"""Rows as a DataFrame (zoexp.results.to_frame) and `zoexp-report runs`: mean ± std over seeds of any rows."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+
+from zoexp.report import main as report_main
+from zoexp.results import append_row, to_frame
+
+ACC = {("mezo", 1e-6): [0.80, 0.82, 0.84], ("mezo", 1e-7): [0.70, 0.72, 0.74], ("focus", 1e-5): [0.86, 0.88, 0.90]}
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    for (method, lr), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            append_row(path, {"status": "ok", "method": method, "task": "sst2", "model": "smollm2-135m", "seed": seed,
+                              "hparams": {"lr": lr, "eps": 1e-3}, "run": {"steps": 100, "seed": seed, "batch_size": 16},
+                              "test/acc": acc, "dev/acc": acc - 0.01, "time/train_s": 10.0 + seed,
+                              "curve": [{"step": 5, "loss": 1.0}]})
+    append_row(path, {"status": "failed", "method": "mezo", "task": "sst2", "model": "smollm2-135m", "seed": 3,
+                      "hparams": {"lr": 1e-6, "eps": 1e-3}, "run": {"steps": 100, "seed": 3, "batch_size": 16},
+                      "message": "OutOfMemoryError"})
+    return path
+
+
+def test_to_frame_flattens_nested_fields(rows_file, tmp_path):
+    df = to_frame(rows_file)
+    assert len(df) == 10
+    assert {"hparams.lr", "run.batch_size", "test/acc", "rows_file", "curve"} <= set(df.columns)
+    assert isinstance(df["curve"].iloc[0], list)
+    assert len(to_frame(rows_file, status="ok")) == 9
+    assert len(to_frame(tmp_path)) == 10  # a results directory: its runs.jsonl (+ experiments/*/*.jsonl)
+    assert to_frame(tmp_path / "nothing-here.jsonl").empty
+
+
+def test_runs_groups_by_configuration_by_default(rows_file, tmp_path, capsys):
+    out = tmp_path / "tables" / "sweep"
+    assert report_main(["runs", str(rows_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    lines = printed.out.strip().splitlines()
+    assert lines[0] == "| method | task | model | hparams.lr | n | seeds | test/acc |"
+    assert len(lines) == 2 + 3  # one line per (method, lr); the seed is never a key
+    mezo = next(line for line in lines if "| mezo |" in line and "1e-06" in line)
+    std = statistics.stdev([0.80, 0.82, 0.84])
+    assert f"| 3 | 0,1,2 | 0.82 ± {std:.4g} |" in mezo
+    assert "left out: 1 failed" in printed.err
+    with open(out.with_suffix(".csv"), newline="") as fh:
+        table = list(csv.DictReader(fh))
+    focus = next(r for r in table if r["method"] == "focus")
+    assert float(focus["test/acc mean"]) == pytest.approx(0.88)
+    assert float(focus["test/acc std"]) == pytest.approx(0.02)
+    assert out.with_suffix(".md").read_text().startswith("| method |")
+
+
+def test_runs_group_by_and_several_metrics(rows_file, capsys):
+    assert report_main(["runs", str(rows_file), "--group-by", "method", "--metric", "test/acc,time/train_s",
+                        "--where", "task=sst2", "--format", "csv"]) == 0
+    table = list(csv.DictReader(capsys.readouterr().out.strip().splitlines()))
+    assert [r["method"] for r in table] == ["focus", "mezo"]
+    mezo = table[1]
+    assert mezo["n"] == "6" and float(mezo["test/acc mean"]) == pytest.approx(0.77)
+    assert float(mezo["time/train_s mean"]) == pytest.approx(11.0)
+
+
+def test_runs_says_what_is_wrong_in_one_line(rows_file, tmp_path, capsys):
+    assert report_main(["runs", str(rows_file), "--metric", "test/f1"]) == 2
+    assert "no column test/f1" in capsys.readouterr().err
+    assert report_main(["runs", str(rows_file), "--group-by", "lr"]) == 2
+    assert "hparams.lr" in capsys.readouterr().err
+    assert report_main(["runs", str(tmp_path / "missing")]) == 2
+    assert "no rows file" in capsys.readouterr().err
+
+
+def test_table_rendering_is_untouched_by_the_runs_subcommand(capsys):
+    assert report_main(["no_such_table", "--profile", "smoke", "--no-figures"]) == 2
+    assert "no table 'no_such_table'" in capsys.readouterr().err
