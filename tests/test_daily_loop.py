@@ -163,3 +163,74 @@ def test_missing_logger_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(LoggerError, match=r"pip install 'zoexp\[logging\]'"):
         MetricsLogger(tmp_path, {"backend": "wandb"})
+
+
+# --------------------------------------------------------------------------- data provenance
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rows_record_the_sha256_of_each_data_file_read(finished, fixture_data_dir):
+    row, _, _ = finished
+    assert row["data/sha256"] == {f"sst2/{s}.jsonl": _sha(fixture_data_dir / "sst2" / f"{s}.jsonl")
+                                  for s in ("train", "validation")}
+    assert row["data/manifest"] is None  # the fixture folder has no MANIFEST.md
+
+
+def test_the_shared_data_matches_its_manifest():
+    from conftest import shared_data_dir
+
+    from zoexp.provenance import check_manifest, read_manifest
+    from zoexp.tasks import Task
+
+    root = shared_data_dir()
+    if root is None or read_manifest(root) is None:
+        pytest.skip("no shared data folder with a MANIFEST.md")
+    task = Task.from_config(compose(["task=cb"]).task)
+    task.sample(0, data_dir=root)
+    assert set(task.files_read) == {"cb/train.jsonl", "cb/validation.jsonl"}
+    assert check_manifest(task.files_read, root) == "ok"
+
+
+def test_a_changed_file_is_a_manifest_mismatch(tmp_path, fixture_data_dir):
+    import shutil
+
+    from zoexp.provenance import check_manifest
+    from zoexp.tasks import Task
+
+    shutil.copytree(fixture_data_dir / "sst2", tmp_path / "sst2")
+    good = _sha(tmp_path / "sst2" / "train.jsonl")
+    (tmp_path / "MANIFEST.md").write_text("| file | rows | sha256 | source |\n|---|---|---|---|\n"
+                                          f"| sst2/train.jsonl | 48 | {good} | fixture |\n"
+                                          f"| sst2/validation.jsonl | 24 | {'0' * 64} | fixture |\n")
+    task = Task.from_config(compose(["task=sst2"]).task)
+    task.sample(0, data_dir=tmp_path, num_train=8, num_dev=4, num_test=4)
+    assert check_manifest(task.files_read, tmp_path) == "mismatch: sst2/validation.jsonl"
+    assert check_manifest({"sst2/train.jsonl": good, "sst2/extra.jsonl": good}, tmp_path) == \
+        "not listed: sst2/extra.jsonl"
+
+
+def test_hub_loads_pin_a_dataset_revision(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from zoexp.provenance import HUB_REVISIONS
+    from zoexp.tasks import Task
+
+    calls = []
+
+    def fake_load(*args, **kwargs):
+        calls.append((args, kwargs))
+        return [{"idx": i, "sentence": "fine ", "label": i % 2} for i in range(4)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    task = Task.from_config(compose(["task=sst2"]).task)
+    task.load_split("train", None)
+    assert calls[-1] == (("nyu-mll/glue", "sst2"), {"split": "train", "revision": HUB_REVISIONS["nyu-mll/glue"]})
+    assert task.hub_loads == [{"dataset": ["nyu-mll/glue", "sst2"], "split": "train",
+                               "revision": HUB_REVISIONS["nyu-mll/glue"]}]
+    pinned = Task.from_config(compose(["task=sst2", "+task.source.revision=abc123"]).task)
+    pinned.load_split("validation", None)
+    assert calls[-1][1]["revision"] == "abc123"

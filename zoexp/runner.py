@@ -400,6 +400,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     row.update({"data/train": len(data.train), "data/dev": len(data.dev), "data/test": len(data.test),
                 "data/notes": data.notes, "data/splits": data.splits,
                 "data/source": str(data_dir) if data_dir else "hub"})
+    _record_provenance(row, task, data_dir)
     loss_kind = training_loss(cfg, task)
 
     offload = bool(cfg.run.get("offload", False))
@@ -625,6 +626,17 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     if optimizer is not None:
         keeper.cleanup(keep=bool(cfg.run.get("save_best", False)))
     log.info("test %s = %.4f", metric, result[metric])
+
+
+def _record_provenance(row: dict, task: Task, data_dir) -> None:
+    """sha256 of each data file read, checked against the data folder's MANIFEST.md; pinned hub revisions."""
+    from zoexp.provenance import check_manifest
+
+    if task.files_read:
+        row["data/sha256"] = dict(sorted(task.files_read.items()))
+        row["data/manifest"] = check_manifest(task.files_read, data_dir)
+    if task.hub_loads:
+        row["data/hub"] = task.hub_loads
 
 
 def write_predictions(run_dir: Path, records: list[dict], examples: list[Example]) -> Path:

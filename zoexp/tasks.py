@@ -119,6 +119,9 @@ class Task:
     def __init__(self, spec: dict):
         self.spec = dict(spec)
         self.name: str = spec["name"]
+        # what load_split read (zoexp.provenance): {path relative to data_dir: sha256}, and hub loads
+        self.files_read: dict[str, str] = {}
+        self.hub_loads: list[dict] = []
         self.version = spec.get("version", 0)
         self.type: str = spec.get("type", "classification")
         if self.type not in ("classification", "generation"):
@@ -226,7 +229,9 @@ class Task:
         try:
             import datasets
 
-            return list(datasets.get_dataset_split_names(*hub))
+            from zoexp.provenance import hub_revision
+
+            return list(datasets.get_dataset_split_names(*hub, revision=hub_revision(self.spec.get("source", {}))))
         except Exception:  # offline, unknown dataset: let load_split report it
             return None
 
@@ -241,6 +246,9 @@ class Task:
             for ext in _EXTENSIONS:
                 path = folder / f"{split}{ext}"
                 if path.is_file():
+                    from zoexp.provenance import sha256_file
+
+                    self.files_read[os.path.relpath(path, data_dir)] = sha256_file(path)
                     return read_rows(path)
             raise DataError(
                 f"task {self.name}: no {split} file in {folder} (tried {', '.join(split + e for e in _EXTENSIONS)}). "
@@ -250,10 +258,17 @@ class Task:
         hub = source.get("hub")
         if not hub:
             raise DataError(f"task {self.name}: no data_dir given and the spec names no hub dataset; set data_dir")
+        from zoexp.provenance import hub_revision
+
+        revision = hub_revision(source)
+        if revision is None:
+            log.warning("task %s: hub dataset %s has no pinned revision (source.revision); its rows may change",
+                        self.name, hub[0])
+        self.hub_loads.append({"dataset": list(hub), "split": split, "revision": revision or "unpinned"})
         try:
             import datasets
 
-            rows = list(datasets.load_dataset(*hub, split=split))
+            rows = list(datasets.load_dataset(*hub, split=split, revision=revision))
         except Exception as exc:  # network, missing dataset, ...
             raise DataError(
                 f"task {self.name}: could not load {hub} split {split!r} from the Hugging Face hub ({exc}). "
