@@ -17,11 +17,13 @@ log = logging.getLogger("zoexp")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from zoexp.loggers import LoggerError
     from zoexp.models import ModelLoadError
     from zoexp.resume import ResumeError
+    from zoexp.runner import SettingsError
     from zoexp.tasks import DataError
 
-    return (ModelLoadError, DataError, ResumeError)
+    return (ModelLoadError, DataError, ResumeError, SettingsError, LoggerError)
 
 
 def register_resolvers() -> None:

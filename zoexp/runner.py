@@ -159,26 +159,34 @@ def training_loss(cfg: DictConfig, task: Task) -> str:
     return loss
 
 
-def accumulation_steps(cfg: DictConfig, optimizer, offload: bool, world_size: int = 1) -> int:
-    """``run.accumulation_steps`` (ZO micro-batches per step), refusing what it cannot do correctly."""
+class SettingsError(ValueError):
+    """Run settings that do not work together (the command line prints the message as one line)."""
+
+
+def accumulation_steps(cfg: DictConfig, world_size: int = 1) -> int:
+    """``run.accumulation_steps`` (ZO micro-batches per step), refusing what it cannot do correctly.
+    Checked from the config alone, before any data or model is loaded."""
     k = int(cfg.run.get("accumulation_steps") or 1)
     if k == 1:
         return 1
     if k < 1:
-        raise ValueError(f"run.accumulation_steps must be >= 1, not {k}")
-    if optimizer is None:
-        raise ValueError(f"run.accumulation_steps={k} needs a training method; {cfg.method.name} does not train")
-    if not isinstance(optimizer, ZOMethod):
-        raise ValueError(f"run.accumulation_steps is for ZO methods; {cfg.method.name} is first-order: "
-                         f"use method.accumulation_steps={k}")
-    if offload:
-        raise ValueError("run.offload streams each block once per step for the whole batch: it does not "
-                         "combine with run.accumulation_steps > 1")
+        raise SettingsError(f"run.accumulation_steps must be >= 1, not {k}")
+    target = cfg.method.get("_target_")
+    if not target:
+        raise SettingsError(f"run.accumulation_steps={k} needs a training method; {cfg.method.name} does not train")
+    from hydra.utils import get_class
+
+    if not issubclass(get_class(target), ZOMethod):
+        raise SettingsError(f"run.accumulation_steps is for ZO methods; {cfg.method.name} is first-order: "
+                            f"use method.accumulation_steps={k}")
+    if cfg.run.get("offload", False):
+        raise SettingsError("run.offload streams each block once per step for the whole batch: it does not "
+                            "combine with run.accumulation_steps > 1")
     per_rank = int(cfg.run.batch_size) // max(world_size, 1)
     if k > per_rank:
-        raise ValueError(f"run.accumulation_steps={k} exceeds the {per_rank} examples per step"
-                         + (f" per process ({world_size} processes)" if world_size > 1 else "")
-                         + f" of run.batch_size={cfg.run.batch_size}")
+        raise SettingsError(f"run.accumulation_steps={k} exceeds the {per_rank} examples per step"
+                            + (f" per process ({world_size} processes)" if world_size > 1 else "")
+                            + f" of run.batch_size={cfg.run.batch_size}")
     return k
 
 
@@ -393,6 +401,12 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     guard = guard or PreemptionGuard()
     seed = int(cfg.run.seed)
     seed_everything(seed)
+    # settings that cannot work together, and a logger whose package is missing, stop the run here
+    accumulation = accumulation_steps(cfg, dist.world_size if dist.enabled else 1)
+    metrics = MetricsLogger(run_dir, cfg.get("logger"), OmegaConf.to_container(cfg, resolve=True),
+                            enabled=dist.is_main and bool(cfg.method.get("_target_")),
+                            console=not (bool(cfg.run.get("progress", True)) and dist.is_main),
+                            total_steps=int(cfg.run.steps))
     task = Task.from_config(cfg.task)
     data_dir = cfg.get("data_dir")
     with meter.phase("data"):
@@ -422,7 +436,6 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
 
         offloader = enable_offload(model, optimizer, device, ring=int(cfg.run.get("offload_ring", 3)))
         row.update(offloader.device_bytes())
-    accumulation = accumulation_steps(cfg, optimizer, offload, dist.world_size if dist.enabled else 1)
     eval_bs = int(cfg.run.eval_batch_size)
     progress_on = bool(cfg.run.get("progress", True)) and dist.is_main
     save_predictions = bool(cfg.run.get("save_predictions", False))
@@ -479,8 +492,6 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         # the +- losses of a ZO step are summed over `accumulation` micro-batches (LossClosure)
         per_rank = min(int(cfg.run.batch_size), len(data.train)) // (dist.world_size if dist.enabled else 1)
         row.update({"train/accumulation_steps": accumulation, "train/micro_batch_size": -(-per_rank // accumulation)})
-        metrics = MetricsLogger(run_dir, cfg.get("logger"), OmegaConf.to_container(cfg, resolve=True),
-                                enabled=dist.is_main, console=not progress_on, total_steps=steps)
         keeper = BestWeights(model, str(cfg.run.keep_best), run_dir, name=dist.best_file(),
                              params=[p for g in optimizer.param_groups for p in g["params"]])
         scheduler = _scheduler(optimizer, str(cfg.run.lr_schedule), steps)
@@ -607,7 +618,6 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             row.update({"checkpoints_written": ckpt.saves, "checkpoint_bytes": ckpt.saved_bytes})
         keeper.restore()
     else:
-        metrics = MetricsLogger(run_dir, enabled=False)
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0,
                     "optimizer_grad_bytes_max": 0})
 
