@@ -110,3 +110,42 @@ def test_accumulated_dual_forward_is_refused():
     with pytest.raises(ValueError, match="run.offload"):
         closure.dual(None)
 
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A one-process gloo group: the data-parallel wrapper around the runner's closure."""
+    import torch.distributed as dist
+
+    from zoexp.distributed import DataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield DataParallel(torch.device("cpu"), "gloo")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_reduces_the_accumulated_loss_once(group, tiny_opt, fixture_data_dir):
+    from zoexp.distributed import loss_weight
+
+    model, tok = tiny_opt
+    encoder = Encoder(tok, 512)
+    examples = batch(fixture_data_dir, 8)
+    weight = loss_weight(encoder, examples)
+    with torch.no_grad():
+        full = make_closure(model, encoder, examples, tok.pad_token_id, Counters())()
+        wrapped = group.wrap_closure(make_closure(model, encoder, examples, tok.pad_token_id, Counters(), "lm", 4),
+                                     weight, weight)
+        value = wrapped()
+    assert float(value) == pytest.approx(float(full), rel=1e-6)
+    assert group.calls == 1  # the micro-batches are summed on the rank, then one all-reduce per perturbation
+    group.close()
+
+
+def test_data_parallel_predictions_are_gathered_from_every_shard(group, monkeypatch):
+    shards = [{"acc": 0.5, "n": 2, "predictions": [{"id": 0}, {"id": 2}]},
+              {"acc": 1.0, "n": 2, "predictions": [{"id": 1}, {"id": 3}]}]
+    monkeypatch.setattr(group, "all_gather", lambda obj: shards)
+    combined = group.evaluate(lambda shard: shards[0], list(range(4)))
+    assert combined["acc"] == 0.75 and [p["id"] for p in combined["predictions"]] == [0, 2, 1, 3]
