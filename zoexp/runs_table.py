@@ -33,12 +33,13 @@ def default_metric(frame) -> str:
 
 
 def varying_config_columns(frame) -> list[str]:
-    """hparams.* and run.* columns (configuration, not bookkeeping) whose value differs between rows."""
+    """hparams.* and run.* columns (configuration, not bookkeeping) with two or more different values."""
     out = []
     for col in frame.columns:
         head, _, tail = col.partition(".")
         if head == "hparams" or (head == "run" and tail not in _NOT_CONFIG):
-            if frame[col].map(repr).nunique(dropna=False) > 1:
+            # missing values do not count (zero-shot rows have no hparams.lr: that does not split mezo's)
+            if frame[col].dropna().map(repr).nunique() > 1:
                 out.append(col)
     return out
 
