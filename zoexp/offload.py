@@ -151,7 +151,7 @@ class BlockOffloader:
                  pin: bool | None = None):
         if int(ring) < 1:
             raise ValueError(f"offload ring must hold at least one block (got {ring})")
-        self.family = _family(model)
+        _family(model)  # refuses a model family the dual forward does not know
         self.model = model
         self.device = torch.device(device)
         self.view = block_view(model)
