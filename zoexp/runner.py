@@ -135,10 +135,12 @@ def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, cou
 
 
 def training_loss(cfg: DictConfig, task: Task) -> str:
-    """``run.loss``: lm (default) | classification | auto (the task spec's MeZO choice)."""
-    loss = str(cfg.run.get("loss", "lm"))
+    """``run.loss``: auto (default: the task spec's MeZO choice) | lm | classification. An offloaded run
+    computes the LM loss only (its dual forward), so there auto means lm."""
+    loss = str(cfg.run.get("loss", "auto"))
     if loss == "auto":
-        return "classification" if task.spec.get("train_as_classification") else "lm"
+        offloaded = bool(cfg.run.get("offload", False))
+        return "classification" if task.spec.get("train_as_classification") and not offloaded else "lm"
     if loss not in ("lm", "classification"):
         raise ValueError(f"run.loss must be lm, classification or auto, not {loss!r}")
     if loss == "classification" and task.type != "classification":
