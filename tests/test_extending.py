@@ -49,6 +49,7 @@ def test_guide_example_runs(tmp_path, fixture_data_dir, monkeypatch):
     assert (row["method"], row["task"], row["task_version"]) == ("zo-sign", "sst2-review", 1)
     assert row["steps"] == 4 and row["forward_passes"] == 8 and row["optimizer_state_bytes"] == 0
     assert row["hparams"] == {"lr": 1e-4, "eps": 1e-3}
+    assert len(row["code_version"]) == 12  # the guide's module and zoexp's Method (zoexp.provenance)
     assert 0 <= row["test/acc"] <= 1 and row["test/n"] == 8
     assert all("proj_grad" in point for point in row["curve"])
     assert read_rows(tmp_path / "results" / "runs.jsonl")[-1]["method"] == "zo-sign"

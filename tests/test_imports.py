@@ -10,36 +10,9 @@ that re-exports its submodules, like ``zoexp.methods``, a cycle by construction)
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 from conftest import REPO
 
-
-def module_name(path: Path, root: Path) -> str:
-    parts = list(path.relative_to(root.parent).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph(root: Path) -> dict[str, set[str]]:
-    """{module: modules of the same package it imports}, for the package in folder ``root``."""
-    files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    parts = parts[:len(parts) - node.level + 1]
-                    base = ".".join(parts + ([node.module] if node.module else []))
-                targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
-        graph[name] = {t for t in targets if t in files and t != name}
-    return graph
+from zoexp.provenance import import_graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

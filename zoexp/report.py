@@ -14,7 +14,9 @@ Per cell: the rows of the cell (method, task, model role, variant) are grouped b
 the cell shows the mean ± std over that configuration's seeds of the column's quantity (test metric,
 memory, time, ...). Configurations with a failed or diverged seed are not candidates; a cell with only
 failed rows shows the failure (e.g. OOM). Rows that cannot be compared are refused with a message
-(different task versions, a task version other than the current spec's, different protocols in one cell).
+(different task versions, a task version other than the current spec's, different protocols in one cell,
+rows of one method made by different versions of its code -- ``code_version``, zoexp.provenance;
+``--newest-code`` keeps each method's newest version instead).
 """
 
 from __future__ import annotations
@@ -129,6 +131,45 @@ def check_rows(rows: list[dict], name: str, current_versions: dict[str, Any] | N
               "old rows out of the results file.")
 
 
+def check_code_versions(rows: list[dict], name: str, newest: bool = False) -> list[dict]:
+    """Rows of one method must come from one version of its code (``code_version``, zoexp.provenance).
+
+    Mixed versions raise ReportError naming each method and its versions; with ``newest`` the rows of
+    each method's newest version (by its latest ``started_at``) are kept instead, and the others dropped
+    with a warning. Rows that predate the field count as version "unrecorded"."""
+    by_method: dict[Any, dict[Any, list[dict]]] = {}
+    for row in rows:
+        by_method.setdefault(row.get("method"), {}).setdefault(row.get("code_version"), []).append(row)
+    mixed = {m: versions for m, versions in by_method.items() if len(versions) > 1}
+    if not mixed:
+        return rows
+
+    def latest(group: list[dict]) -> str:
+        return max(str(r.get("started_at") or "") for r in group)
+
+    def order(versions: dict) -> list:  # newest first; unrecorded last
+        return sorted(versions, key=lambda v: (v is not None, latest(versions[v])), reverse=True)
+
+    if not newest:
+        lines = [f"method {m}: " + ", ".join(f"{v or 'unrecorded'} ({len(versions[v])} rows, latest "
+                                             f"{latest(versions[v]) or '?'})" for v in order(versions))
+                 for m, versions in sorted(mixed.items(), key=lambda kv: str(kv[0]))]
+        raise ReportError(
+            f"refusing to build {name}: rows of one method were made by different versions of its code.\n  - "
+            + "\n  - ".join(lines)
+            + "\nRe-run those methods' cells with the current code (hydra.sweeper.skip_done=false), or pass "
+              "--newest-code to keep only the rows of each method's newest code version.")
+    dropped = set()
+    for m, versions in mixed.items():
+        keep = order(versions)[0]
+        for v in versions:
+            if v != keep:
+                dropped.update(id(r) for r in versions[v])
+                log.warning("%s: method %s: dropping %d rows of code version %s (newest: %s)", name, m,
+                            len(versions[v]), v or "unrecorded", keep)
+    return [r for r in rows if id(r) not in dropped]
+
+
 def current_task_versions(tasks: set[str]) -> dict[str, Any]:
     from zoexp.tasks import load_spec
 
@@ -232,6 +273,7 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
     """Fill every cell of table ``name`` from ``rows`` (already restricted to the table and profile)."""
     layout = load_layout(name)
     if check:
+        check_code_versions(rows, name)
         check_rows(rows, name, current_task_versions({r.get("task") for r in rows}))
     models = _profile_models(name, profile)
     cells: dict[tuple[int, str, str], Cell] = {}
@@ -581,15 +623,17 @@ def write(table: Table, out_dir: str | Path = "results") -> list[Path]:
 
 
 def report(name: str, profile: str = "cpu", results_dir: str | Path = "results", rows: str | Path | None = None,
-           out_dir: str | Path | None = None, figures: bool = True) -> tuple[Table, list[Path]]:
+           out_dir: str | Path | None = None, figures: bool = True,
+           newest_code: bool = False) -> tuple[Table, list[Path]]:
     path = Path(rows) if rows else rows_path(name, profile, results_dir)
-    table = build(name, profile, load_rows(name, profile, path), rows_file=str(path))
+    table_rows = check_code_versions(load_rows(name, profile, path), name, newest=newest_code)
+    table = build(name, profile, table_rows, rows_file=str(path))
     written = write(table, out_dir or results_dir)
     if figures and table.layout.get("figures"):
         try:
             from zoexp.figures import draw_figures
 
-            written += draw_figures(table, load_rows(name, profile, path), out_dir or results_dir)
+            written += draw_figures(table, table_rows, out_dir or results_dir)
         except ImportError as exc:  # matplotlib is the optional `report` extra
             log.warning("figures of %s not drawn (%s); pip install 'zoexp[report]'", name, exc)
     return table, written
@@ -605,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=None, help="read rows from this JSON-lines file instead")
     parser.add_argument("--out", default=None, help="output root (tables/ and figures/ under it; default: results-dir)")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--newest-code", action="store_true",
+                        help="where a method's rows come from different versions of its code, keep only the newest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     names = table_names() if args.tables == ["all"] else args.tables
@@ -614,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tables == ["all"] and not path.exists():
             continue
         try:
-            table, written = report(name, args.profile, args.results_dir, args.rows, args.out, not args.no_figures)
+            table, written = report(name, args.profile, args.results_dir, args.rows, args.out, not args.no_figures,
+                                    newest_code=args.newest_code)
         except ReportError as exc:
             print(f"zoexp-report: {exc}", file=sys.stderr)
             status = 2

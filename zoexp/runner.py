@@ -25,6 +25,7 @@ from zoexp.icl import with_demonstrations
 from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, build_method
 from zoexp.models import count_params, load_model, model_devices, resolve_device, resolve_dtype
+from zoexp.provenance import method_code_version
 from zoexp.results import append_row, git_commit, versions
 from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
 from zoexp.scoring import Encoder, classification_loss, lm_loss, request_tokens
@@ -271,6 +272,7 @@ def base_row(cfg: DictConfig, run_dir: Path) -> dict:
                           **{k: cfg.task.get(k) for k in ("num_train", "num_dev", "num_test", "k_shot")}},
         "run_dir": str(run_dir),
         "git_commit": git_commit(),
+        "code_version": method_code_version(cfg.method),  # the method's own source (zoexp.provenance)
         "versions": versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
