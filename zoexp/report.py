@@ -17,6 +17,10 @@ failed rows shows the failure (e.g. OOM). Rows that cannot be compared are refus
 (different task versions, a task version other than the current spec's, different protocols in one cell,
 rows of one method made by different versions of its code -- ``code_version``, zoexp.provenance;
 ``--newest-code`` keeps each method's newest version instead).
+
+Under each table a Claims block checks what the paper's text says about it (``sweep.claims`` of
+``conf/experiment/<table>.yaml``, language in ``zoexp.claims``) on the paper's numbers and on ours:
+✓, ✗ or "not measurable here" with the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from zoexp.cells import (
     quantity,
     select_best,
 )
+from zoexp.claims import ClaimResult, Grid, check_claims, render_markdown
 from zoexp.results import read_rows
 
 log = logging.getLogger(__name__)
@@ -245,6 +250,7 @@ class Table:
     n_rows: int
     memory_source: str = ""
     models: dict = field(default_factory=dict)  # model role -> the profile's model
+    claims: list[ClaimResult] = field(default_factory=list)  # the paper's claims, checked (zoexp.claims)
 
     def missing(self) -> list[Cell]:
         """Cells without a value that a complete run of the profile must fill."""
@@ -295,7 +301,44 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
                     select = {**(panel.get("select") or {}), **(lrow.get("select") or {}), **(col.get("select") or {})}
                     _fill(cell, select, rows, models, profile, sources)
         _fill_derived(panel, p, cells)
-    return Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+    table = Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+    table.claims = check_claims(table_claims(name), claims_grid(table))
+    return table
+
+
+def table_claims(name: str) -> list[dict]:
+    """The paper's claims about table ``name``: ``sweep.claims`` of ``conf/experiment/<name>.yaml``."""
+    from zoexp.sweep import SweepError, load_sweep
+
+    try:
+        return list(load_sweep(name).get("claims") or [])
+    except SweepError:  # a table without a sweep config (e.g. a test's layout): no claims
+        return []
+
+
+def claims_grid(table: Table) -> Grid:
+    """The table's cells as the claim checks see them (zoexp.claims): the paper's numbers and ours."""
+    panels = panels_of(table.layout)
+
+    def data(items: list[dict], columns: bool) -> list[str]:
+        return [i["key"] for i in items if not (i.get("paper_only") or i.get("unavailable") or i.get("extra")
+                                                 or (columns and (i.get("aggregate") or i.get("relative"))))]
+
+    def ours(row: str, col: str, p: int) -> tuple[float | None, str]:
+        cell = table.cells[(p, row, col)]
+        if cell.mean is not None:
+            return cell.mean, ""
+        return None, (f"ours is {cell.text}" if cell.text else cell.reason or cell.missing or "no value")
+
+    def paper(row: str, col: str, p: int) -> tuple[float | None, str]:
+        cell = table.cells[(p, row, col)]
+        if cell.paper_value is not None:
+            return cell.paper_value, ""
+        return None, f"the paper prints {cell.paper!r}" if cell.paper is not None else "no number in the paper"
+
+    return Grid([data(pn["rows"], False) for pn in panels], [data(pn["columns"], True) for pn in panels],
+                [{r["key"] for r in pn["rows"]} for pn in panels], [{c["key"] for c in pn["columns"]} for pn in panels],
+                ours, paper)
 
 
 def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str, sources: set[str]) -> None:
@@ -535,6 +578,7 @@ def to_markdown(table: Table) -> str:
         out.append("|" + "|".join("---" for _ in header) + "|")
         out += ["| " + " | ".join(x.replace("|", "\\|") for x in line) + " |" for line in lines]
         out.append("")
+    out += render_markdown(table.claims)
     out += [f"- {n}" for n in notes(table)]
     configs = selected_configs(table)
     if configs:
