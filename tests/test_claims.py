@@ -105,6 +105,12 @@ def test_a_failed_cell_makes_a_claim_not_measurable_with_the_reason(toy, monkeyp
     assert t.claims[0].ours.verdict == NOT_MEASURABLE and t.claims[0].ours.why == "hizoo/a: ours is OOM"
 
 
+def test_a_malformed_shipped_claim_is_a_report_error_naming_the_file(toy, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(report, "table_claims", lambda name: [{"text": "t", "check": "cell(nope, a) > 1"}])
+    with pytest.raises(report.ReportError, match=r"conf/experiment/toy.yaml, sweep.claims: .*no cell \(nope, a\)"):
+        build("toy", "smoke", [row()])
+
+
 def test_a_claims_block_lists_every_claim_even_when_all_fail():
     results = check_claims([{"text": "x", "check": "cell(hzo, a) < cell(mezo, a)"}], grid())
     lines = render_markdown(results)

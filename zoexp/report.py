@@ -46,7 +46,7 @@ from zoexp.cells import (
     quantity,
     select_best,
 )
-from zoexp.claims import ClaimResult, Grid, check_claims, render_markdown
+from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
 from zoexp.results import read_rows
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,10 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
                     _fill(cell, select, rows, models, profile, sources)
         _fill_derived(panel, p, cells)
     table = Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
-    table.claims = check_claims(table_claims(name), claims_grid(table))
+    try:
+        table.claims = check_claims(table_claims(name), claims_grid(table))
+    except ClaimError as exc:  # a malformed claim in conf/experiment/<name>.yaml: say where
+        raise ReportError(f"conf/experiment/{name}.yaml, sweep.claims: {exc}") from exc
     return table
 
 
