@@ -56,6 +56,7 @@ def test_rows_of_one_method_from_different_code_are_refused(toy):  # noqa: F811
     assert ("method mezo: bbbbbbbbbbbb (1 rows, latest 2026-01-02T10:00:00), aaaaaaaaaaaa (1 rows, latest "
             "2026-01-01T10:00:00)") in message
     assert "hizoo" not in message and "--newest-code" in message
+    assert "zoexp -m experiment=toy profile=smoke method=mezo hydra.sweeper.skip_done=false" in message
 
 
 def test_newest_code_keeps_each_methods_newest_version(toy):  # noqa: F811

@@ -162,7 +162,9 @@ def check_code_versions(rows: list[dict], name: str, newest: bool = False) -> li
         raise ReportError(
             f"refusing to build {name}: rows of one method were made by different versions of its code.\n  - "
             + "\n  - ".join(lines)
-            + "\nRe-run those methods' cells with the current code (hydra.sweeper.skip_done=false), or pass "
+            + f"\nRe-run those methods' cells with the current code (zoexp -m experiment={name} "
+              f"profile={rows[0].get('profile')} method={','.join(sorted(str(m) for m in mixed))} "
+              "hydra.sweeper.skip_done=false; a re-run job's newest row replaces its older one), or pass "
               "--newest-code to keep only the rows of each method's newest code version.")
     dropped = set()
     for m, versions in mixed.items():
