@@ -12,8 +12,9 @@ from conftest import REPO, compose
 from omegaconf import OmegaConf
 
 from zoexp.methods import HZO, MeZO
+from zoexp.methods.deferred import DualPerturbation
 from zoexp.models import load_model, param_groups
-from zoexp.offload import DualPerturbation, dual_lm_loss, enable_offload
+from zoexp.offload import dual_lm_loss, enable_offload
 from zoexp.runner import Counters, make_closure
 from zoexp.scoring import Encoder, lm_loss, score_candidates
 from zoexp.tasks import Example
@@ -190,7 +191,8 @@ def test_runner_offload_matches_the_plain_run(tmp_path, fixture_data_dir):
         cfg = compose(["model=tiny-opt", "method=hzo", "method.lr=1e-3", "method.interval=2", "run.steps=4",
                        "run.eval_every=4", "run.batch_size=4", "task.num_train=16", "task.num_dev=8",
                        "task.num_test=8", "run.progress=false", f"run.offload={str(offload).lower()}",
-                       "run.offload_ring=2", f"data_dir={fixture_data_dir}", f"results_dir={tmp_path}"])
+                       "run.offload_ring=2", "run.loss=lm",
+                       f"data_dir={fixture_data_dir}", f"results_dir={tmp_path}"])
         torch.manual_seed(0)
         rows.append(run(cfg, run_dir=tmp_path / f"run{int(offload)}"))
     plain, off = rows

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import smoke_data
 
-from zoexp.report import load_layout, panels_of, report
+from zoexp.claims import FAIL, PASS
+from zoexp.report import load_layout, panels_of, report, table_claims
 from zoexp.results import read_rows
 from zoexp.sweep import available, cell_keys, expand, experiment_names, load_sweep
 
@@ -75,6 +76,9 @@ def test_smoke_profile_fills_every_cell(table, smoke_root, tmp_path):
     assert sources.count("paper") == papers
     md = (folder / f"{table}.md").read_text()
     assert layout["source"] in md
+    # the paper's claims about the table, checked on its cells (zoexp.claims)
+    assert len(built.claims) == len(table_claims(table)) and "**Claims**" in md
+    assert all(c.ours.verdict in (PASS, FAIL) for c in built.claims), [c for c in built.claims if c.ours.why]
     for p in panels_of(layout):
         for col in p["columns"]:
             assert col["label"] in md

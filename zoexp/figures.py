@@ -17,7 +17,7 @@ import statistics
 import textwrap
 from pathlib import Path
 
-from zoexp.report import _memory_bytes, matches, quantity, select_best
+from zoexp.cells import matches, memory_bytes, quantity, select_best
 
 X_LABELS = {"step": "step", "time": "training wall-clock (s)"}
 
@@ -105,7 +105,7 @@ def draw_bars(fig_spec: dict, table_select: dict, rows: list[dict], path: Path, 
             select = _select(table_select, fig_spec.get("select"), group.get("select"), s.get("select"))
             chosen = select_best([r for r in rows if matches(r, select)])
             values = [v for v in (quantity(r, q) for r in chosen.rows) if v is not None]
-            sources.update(_memory_bytes(r)[1] for r in chosen.rows)
+            sources.update(memory_bytes(r)[1] for r in chosen.rows)
             x = g + (k - (len(series) - 1) / 2) * width
             if not values:
                 missing.append(f"{group.get('label')}/{s['label']}")

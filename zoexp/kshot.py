@@ -13,25 +13,25 @@ import logging
 
 import numpy as np
 
+from zoexp.taskdata import DataError, TaskData
+
 log = logging.getLogger(__name__)
 
 
 def sample_k_shot(task, seed: int, data_dir, k: int, num_test: int):
-    from zoexp.tasks import DataError, TaskData
-
     train_split = task.resolve_split("train", data_dir)
     test_split = task.resolve_split("test", data_dir)
     notes: list[str] = []
     if test_split is None:
-        raise DataError(f"task {task.name}: no test split {task._split_names('test')} in "
-                        f"{task._folder(data_dir) if data_dir else 'the hub'}")
+        raise DataError(f"task {task.name}: no test split {task.split_names('test')} in "
+                        f"{task.folder(data_dir) if data_dir else 'the hub'}")
     if train_split and train_split != test_split:
-        pool_rows = task._rows(train_split, data_dir, notes)
-        test_rows = task._rows(test_split, data_dir, notes)
+        pool_rows = task.rows(train_split, data_dir, notes)
+        test_rows = task.rows(test_split, data_dir, notes)
         pool_order = np.random.RandomState(seed).permutation(len(pool_rows)).tolist()
         test_idx = np.random.RandomState(seed).permutation(len(test_rows)).tolist()[:num_test]
     else:
-        pool_rows = test_rows = task._rows(test_split, data_dir, notes)
+        pool_rows = test_rows = task.rows(test_split, data_dir, notes)
         order = np.random.RandomState(seed).permutation(len(pool_rows)).tolist()
         n_test = min(num_test, len(pool_rows) // 2)
         test_idx, pool_order = order[:n_test], order[n_test:]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,6 +49,30 @@ from zoexp.models import block_view
 from zoexp.scoring import collate, logprobs_from_hidden, mean_nll, read_positions, target_requests
 
 SUPPORTED_FAMILIES = ("opt", "llama")
+
+
+# The method side, as this module sees it. The ring imports no method: a method that supports
+# offloading (``zoexp.methods.base.ZOMethod`` and its per-group operations) meets these protocols,
+# and the signs it applies during a dual forward are ``zoexp.methods.deferred.DualPerturbation``.
+
+class OffloadedMethod(Protocol):
+    """What ``enable_offload`` needs of a method."""
+
+    param_groups: list[dict]
+
+    def supports_offload(self) -> bool: ...
+
+    def zo_group_ids(self) -> list[int]: ...
+
+    def attach_offloader(self, offloader: BlockOffloader) -> None: ...
+
+
+class GroupPerturbation(Protocol):
+    """Moves param groups to a sign (+1, −1, 0) of the step's perturbation while they are resident."""
+
+    offloader: BlockOffloader
+
+    def set(self, group_ids: Iterable[int], sign: int) -> None: ...
 
 
 class _Sync:
@@ -82,7 +107,7 @@ class _Sync:
 
 
 @dataclass
-class Plan:
+class ForwardGroups:
     """Which param groups (indices) each part of the forward pass uses."""
 
     embed: set[int] = field(default_factory=set)
@@ -126,7 +151,7 @@ class BlockOffloader:
                  pin: bool | None = None):
         if int(ring) < 1:
             raise ValueError(f"offload ring must hold at least one block (got {ring})")
-        self.family = _family(model)
+        _family(model)  # refuses a model family the dual forward does not know
         self.model = model
         self.device = torch.device(device)
         self.view = block_view(model)
@@ -142,7 +167,7 @@ class BlockOffloader:
         self.max_in_ring = 0
         self.layer_groups: dict[int, list[int]] = {}
         self.group_layer: dict[int, int | None] = {}
-        self.plan = Plan()
+        self.plan = ForwardGroups()
 
         offloaded = {id(m) for i in self.order for m in self.layers[i].modules()}
         self._params: dict[int, list[nn.Parameter]] = {}
@@ -218,7 +243,7 @@ class BlockOffloader:
             ids = {id(p) for m in modules if m is not None for p in m.parameters()}
             return {gi for gi, g in enumerate(param_groups) if any(id(p) in ids for p in g["params"])}
 
-        self.plan = Plan(embed=groups_of(list(self.view.embed)),
+        self.plan = ForwardGroups(embed=groups_of(list(self.view.embed)),
                          layers=[set(self.layer_groups[i]) for i in range(len(self.layers))],
                          tail=groups_of(tail_modules(self.model)),
                          head=groups_of([self.view.head]))
@@ -376,43 +401,6 @@ class BlockOffloader:
 # ---------------------------------------------------------------------- the dual forward
 
 
-class DualPerturbation:
-    """The sign (+1, −1, 0) of each ZO param group during one dual forward, driven part by part.
-
-    ``set(groups, s)`` moves each group from its current sign to ``s`` with one in-place perturbation
-    of (s − current)·ε·d_t. The first time a group is touched in the step, its deferred update from
-    the previous step is applied first (the group is resident then).
-    """
-
-    def __init__(self, method, t: int):
-        self.method, self.t = method, t
-        self.offloader = method.offloader
-        self.zo = set(method.zo_group_ids())
-        self.sign = dict.fromkeys(self.zo, 0)
-        self.touched: set[int] = set()
-
-    def set(self, group_ids: Iterable[int], sign: int) -> None:
-        for gi in sorted(group_ids):
-            if gi not in self.zo:
-                continue
-            if gi not in self.touched:
-                self.method.apply_pending([gi])
-                self.touched.add(gi)
-            delta = sign - self.sign[gi]
-            if delta:
-                self.method.perturb_group_(self.method.param_groups[gi], self.t, float(delta))
-                self.sign[gi] = sign
-
-    def close(self) -> None:
-        """Every ZO group must have been visited and restored (else the forward missed parameters)."""
-        missed = sorted(self.zo - self.touched)
-        if missed:
-            names = [self.method.param_groups[gi].get("name", gi) for gi in missed]
-            raise RuntimeError(f"the dual forward never visited param groups {names}")
-        if any(self.sign.values()):
-            raise RuntimeError("the dual forward left groups perturbed")
-
-
 class _Captured(Exception):
     pass
 
@@ -446,7 +434,7 @@ def _layer(layer: nn.Module, hidden, args, kwargs):
 
 
 @torch.no_grad()
-def dual_lm_loss(model: nn.Module, encoder, batch, pad_id: int, perturbation: DualPerturbation):
+def dual_lm_loss(model: nn.Module, encoder, batch, pad_id: int, perturbation: GroupPerturbation):
     """(L(θ+εd), L(θ−εd)) on ``batch`` (``zoexp.scoring.lm_loss``) with every layer resident once."""
     off: BlockOffloader = perturbation.offloader
     plan = off.plan
@@ -490,15 +478,15 @@ def dual_lm_loss(model: nn.Module, encoder, batch, pad_id: int, perturbation: Du
 # ---------------------------------------------------------------------- set-up
 
 
-def enable_offload(model: nn.Module, method=None, device: torch.device | str = "cpu", ring: int = 3) -> BlockOffloader:
+def enable_offload(model: nn.Module, method: OffloadedMethod | None = None, device: torch.device | str = "cpu",
+                   ring: int = 3) -> BlockOffloader:
     """Offload ``model``'s layers and attach the offloader to ``method`` (a ZO method, or None to only
     evaluate). Layers holding a method's non-ZO (first-order) groups stay on the device."""
-    from zoexp.methods.base import ZOMethod
-
     view = block_view(model)
     keep: set[int] = set()
     if method is not None:
-        if not isinstance(method, ZOMethod) or type(method).perturb_group_ is ZOMethod.perturb_group_:
+        supports = getattr(method, "supports_offload", None)
+        if not callable(supports) or not supports():
             raise ValueError(f"method {type(method).__name__} does not support offloading (run.offload=true)")
         where = {id(p): i for i, layer in enumerate(view.layers) for p in layer.parameters()}
         zo = set(method.zo_group_ids())
@@ -515,5 +503,4 @@ def enable_offload(model: nn.Module, method=None, device: torch.device | str = "
     offloader.bind(method.param_groups if method is not None else [])
     if method is not None:
         method.attach_offloader(offloader)
-    model._zoexp_offloader = offloader
     return offloader

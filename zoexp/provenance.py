@@ -1,4 +1,20 @@
-"""Data provenance: the sha256 of every local data file a run reads, checked against the data folder's
+"""What made a result row: the code of its method and the data it read.
+
+**Code.** Which code made a result row: a version of each method's source, computed at run time.
+
+A table must not mix rows of one method made by different code (``zoexp.report`` refuses them). The git
+commit is too coarse for that -- any commit changes it -- so every row also carries ``code_version``: a
+hash of the source files that define the method, i.e.
+
+- the module of the method's class and of each of its base classes that lives in ``zoexp``,
+- every ``zoexp.methods`` module those import, transitively (the ZO core: ``base``, ``noise``,
+  ``philox`` and its C kernel ``philox.c``; HiZOO for FOCUS; ...).
+
+Code outside ``zoexp.methods`` (runner, scoring, models) is shared by every method; the row's
+``git_commit`` covers it. Methods without an optimizer (zero-shot, ICL) have no code version. A method class defined outside
+zoexp (``docs/extending.md``) adds its own source file(s).
+
+**Data.** Data provenance: the sha256 of every local data file a run reads, checked against the data folder's
 MANIFEST.md when it has one, and pinned revisions for Hugging Face hub loads.
 
 Rows carry ``data/sha256`` ({"sst2/train.jsonl": "7b84...", ...}, paths relative to ``data_dir``) and
@@ -10,13 +26,123 @@ not, ``not listed: <files>``, or null without a manifest). A hub load records
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib
+import inspect
 import logging
 import os
 import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+_PKG = Path(__file__).resolve().parent
+METHODS_PACKAGE = "zoexp.methods"
+# files a methods module uses without importing them as Python
+_COMPANIONS = {"zoexp.methods.philox": ("philox.c",)}
+
+
+def module_name(path: Path, root: Path) -> str:
+    """``zoexp/methods/base.py`` -> ``zoexp.methods.base`` (``__init__.py`` names its package)."""
+    parts = list(path.resolve().relative_to(root.resolve().parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, name: str, known: set[str] | frozenset[str]) -> set[str]:
+    """The modules among ``known`` that the source of module ``name`` (file ``path``) imports, anywhere in
+    the file (module level and inside functions). ``from P import n`` is ``P.n`` when that is a known
+    module, else ``P``; relative imports are resolved; a submodule import does not count as one of its
+    parent package."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[:len(parts) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names)
+    return {t for t in targets if t in known and t != name}
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """{module: modules of the same package it imports} for the package in folder ``root``."""
+    files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    known = frozenset(files)
+    return {name: module_imports(path, name, known) for name, path in files.items()}
+
+
+@functools.cache
+def _methods_graph() -> dict[str, set[str]]:
+    graph = import_graph(_PKG)
+    return {m: {t for t in targets if t.startswith(METHODS_PACKAGE)} for m, targets in graph.items()}
+
+
+def method_modules(cls: type) -> list[str]:
+    """The zoexp modules that define ``cls``: its own and its zoexp base classes' modules, and every
+    ``zoexp.methods`` module they import (transitively)."""
+    graph = _methods_graph()
+    todo = [c.__module__ for c in inspect.getmro(cls) if c.__module__ in graph]
+    seen: set[str] = set()
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph.get(m, ()))
+    return sorted(seen)
+
+
+def _source_files(modules: list[str]) -> list[Path]:
+    files = []
+    for m in modules:
+        path = _PKG.parent.joinpath(*m.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        files.append(path)
+        files += [path.parent / extra for extra in _COMPANIONS.get(m, ())]
+    return [f for f in files if f.is_file()]  # (an install without the C source hashes what it has)
+
+
+def _outside_files(cls: type) -> list[Path]:
+    """Source files of ``cls`` and its base classes that live outside zoexp and torch (a user's method)."""
+    files = []
+    for c in inspect.getmro(cls):
+        if c.__module__ in _methods_graph() or c.__module__.split(".")[0] in ("torch", "builtins", "typing", "abc"):
+            continue
+        try:
+            files.append(Path(inspect.getsourcefile(c) or ""))
+        except TypeError:  # a class without a source file (built in C)
+            continue
+    return [f for f in files if f.is_file()]
+
+
+def code_version_of(cls: type) -> str:
+    """sha256 (first 12 hex digits) of the source files that define ``cls`` (see module doc)."""
+    digest = hashlib.sha256()
+    for path in _source_files(method_modules(cls)) + _outside_files(cls):
+        name = path.relative_to(_PKG.parent).as_posix() if path.is_relative_to(_PKG.parent) else path.name
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def method_code_version(method_cfg) -> str | None:
+    """The code version of the method a config names (``_target_``); None for a method without one."""
+    target = method_cfg.get("_target_") if method_cfg is not None else None
+    if not target:
+        return None
+    module, _, attr = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):  # the run fails later with the real error (building the method)
+        return None
+    return code_version_of(cls) if isinstance(cls, type) else None
+
+
+# --------------------------------------------------------------------------- data
 
 # Dataset repository commits on the Hugging Face hub. This project's machines reach no hub, so these could
 # not be checked from here: each is the commit that public code pinning the same repository uses (found in

@@ -14,7 +14,13 @@ Per cell: the rows of the cell (method, task, model role, variant) are grouped b
 the cell shows the mean ± std over that configuration's seeds of the column's quantity (test metric,
 memory, time, ...). Configurations with a failed or diverged seed are not candidates; a cell with only
 failed rows shows the failure (e.g. OOM). Rows that cannot be compared are refused with a message
-(different task versions, a task version other than the current spec's, different protocols in one cell).
+(different task versions, a task version other than the current spec's, different protocols in one cell,
+rows of one method made by different versions of its code -- ``code_version``, zoexp.provenance;
+``--newest-code`` keeps each method's newest version instead).
+
+Under each table a Claims block checks what the paper's text says about it (``sweep.claims`` of
+``conf/experiment/<table>.yaml``, language in ``zoexp.claims``) on the paper's numbers and on ours:
+✓, ✗ or "not measurable here" with the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -31,6 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoexp.cells import (
+    TEXT_QUANTITIES,
+    ReportError,
+    Selection,
+    get_path,
+    matches,
+    memory_bytes,
+    quantity,
+    select_best,
+)
+from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
 from zoexp.results import read_rows
 
 log = logging.getLogger(__name__)
@@ -41,13 +57,6 @@ DASH = "—"
 # Settings that must agree within a cell (else its rows were made under different protocols).
 PROTOCOL_FIELDS = ("model", "task_version", "task_protocol", "dtype", "run.steps", "run.max_length",
                    "run.eval_every", "run.lr_schedule")
-# Run settings that are part of the chosen configuration (the rest of `run` is bookkeeping).
-_RUN_BOOKKEEPING = ("seed", "progress", "results_file", "dir", "eval_batch_size", "log_every", "save_best",
-                    "keep_best", "device", "save_predictions", "accumulation_steps")
-
-
-class ReportError(RuntimeError):
-    """Rows that must not be put in one table (the message says which and why)."""
 
 
 # --------------------------------------------------------------------------- layout data
@@ -67,110 +76,6 @@ def load_layout(name: str) -> dict:
         layout = yaml.safe_load(fh)
     layout.setdefault("name", name)
     return layout
-
-
-# --------------------------------------------------------------------------- row access
-
-
-def get_path(row: dict, path: str) -> Any:
-    """A row field by name: top-level keys first (``test/acc``), then dotted paths (``hparams.rank``);
-    ``role`` / ``variant`` / ``k_shot`` are shorthands for ``cell.model_role`` / ``cell.variant`` /
-    ``task_protocol.k_shot``."""
-    path = {"role": "cell.model_role", "variant": "cell.variant", "k_shot": "task_protocol.k_shot"}.get(path, path)
-    if path in row:
-        return row[path]
-    value: Any = row
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def matches(row: dict, select: dict | None) -> bool:
-    for key, wanted in (select or {}).items():
-        value = get_path(row, key)
-        options = wanted if isinstance(wanted, list) else [wanted]
-        if not any(_equal(value, w) for w in options):
-            return False
-    return True
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
-def metric_of(row: dict) -> str:
-    proto = row.get("task_protocol") or {}
-    if proto.get("metric"):
-        return proto["metric"]
-    return "acc" if "test/acc" in row else "f1"
-
-
-def config_key(row: dict) -> str:
-    """Everything that defines a configuration except the seed."""
-    run = {k: v for k, v in (row.get("run") or {}).items() if k not in _RUN_BOOKKEEPING}
-    return json.dumps({"hparams": row.get("hparams"), "run": run, "dtype": row.get("dtype"),
-                       "model": row.get("model"), "task_protocol": row.get("task_protocol")},
-                      sort_keys=True, default=str)
-
-
-def describe_config(row: dict) -> str:
-    parts = [f"{k}={v}" for k, v in sorted((row.get("hparams") or {}).items()) if v is not None]
-    run = row.get("run") or {}
-    parts.append(f"bs={run.get('batch_size')}")
-    parts.append(f"steps={row.get('steps', run.get('steps'))}")
-    return " ".join(parts)
-
-
-# --------------------------------------------------------------------------- quantities
-
-
-def _memory_bytes(row: dict) -> tuple[float | None, str]:
-    for phase in ("train", "eval"):
-        value = row.get(f"mem/{phase}_gpu_reserved_peak_bytes")
-        if value:
-            return value, "GPU"
-    for phase in ("train", "eval"):
-        value = row.get(f"mem/{phase}_rss_peak_bytes")
-        if value:
-            return value, "host RSS"
-    return None, ""
-
-
-def quantity(row: dict, name: str) -> Any:
-    """The value a cell shows for one row (None: not recorded)."""
-    if name == "test":
-        value = row.get(f"test/{metric_of(row)}")
-        return None if value is None else 100.0 * value
-    if name == "dev":
-        value = row.get(f"dev/{metric_of(row)}")
-        return None if value is None else 100.0 * value
-    if name == "memory":
-        value, _ = _memory_bytes(row)
-        return None if value is None else value / 2**30
-    if name == "time":
-        return row.get("time/train_s")
-    if name == "time_h":
-        value = row.get("time/train_s")
-        return None if value is None else value / 3600.0
-    if name == "throughput":
-        return row.get("tokens_per_s")
-    if name == "loss":
-        return row.get("train/final_loss")
-    if name == "state":
-        value = row.get("optimizer_state_bytes")
-        return None if value is None else value / 2**30
-    if name == "batch_size":
-        return (row.get("run") or {}).get("batch_size")
-    if name in ("dtype", "device", "model"):
-        return row.get(name)
-    raise ReportError(f"unknown quantity {name!r}")
-
-
-TEXT_QUANTITIES = ("batch_size", "dtype", "device", "model")
 
 
 # --------------------------------------------------------------------------- loading and checks
@@ -231,6 +136,47 @@ def check_rows(rows: list[dict], name: str, current_versions: dict[str, Any] | N
               "old rows out of the results file.")
 
 
+def check_code_versions(rows: list[dict], name: str, newest: bool = False) -> list[dict]:
+    """Rows of one method must come from one version of its code (``code_version``, zoexp.provenance).
+
+    Mixed versions raise ReportError naming each method and its versions; with ``newest`` the rows of
+    each method's newest version (by its latest ``started_at``) are kept instead, and the others dropped
+    with a warning. Rows that predate the field count as version "unrecorded"."""
+    by_method: dict[Any, dict[Any, list[dict]]] = {}
+    for row in rows:
+        by_method.setdefault(row.get("method"), {}).setdefault(row.get("code_version"), []).append(row)
+    mixed = {m: versions for m, versions in by_method.items() if len(versions) > 1}
+    if not mixed:
+        return rows
+
+    def latest(group: list[dict]) -> str:
+        return max(str(r.get("started_at") or "") for r in group)
+
+    def order(versions: dict) -> list:  # newest first; unrecorded last
+        return sorted(versions, key=lambda v: (v is not None, latest(versions[v])), reverse=True)
+
+    if not newest:
+        lines = [f"method {m}: " + ", ".join(f"{v or 'unrecorded'} ({len(versions[v])} rows, latest "
+                                             f"{latest(versions[v]) or '?'})" for v in order(versions))
+                 for m, versions in sorted(mixed.items(), key=lambda kv: str(kv[0]))]
+        raise ReportError(
+            f"refusing to build {name}: rows of one method were made by different versions of its code.\n  - "
+            + "\n  - ".join(lines)
+            + f"\nRe-run those methods' cells with the current code (zoexp -m experiment={name} "
+              f"profile={rows[0].get('profile')} method={','.join(sorted(str(m) for m in mixed))} "
+              "hydra.sweeper.skip_done=false; a re-run job's newest row replaces its older one), or pass "
+              "--newest-code to keep only the rows of each method's newest code version.")
+    dropped = set()
+    for m, versions in mixed.items():
+        keep = order(versions)[0]
+        for v in versions:
+            if v != keep:
+                dropped.update(id(r) for r in versions[v])
+                log.warning("%s: method %s: dropping %d rows of code version %s (newest: %s)", name, m,
+                            len(versions[v]), v or "unrecorded", keep)
+    return [r for r in rows if id(r) not in dropped]
+
+
 def current_task_versions(tasks: set[str]) -> dict[str, Any]:
     from zoexp.tasks import load_spec
 
@@ -241,48 +187,6 @@ def current_task_versions(tasks: set[str]) -> dict[str, Any]:
         except Exception:  # a task this install does not have: nothing to compare with
             continue
     return out
-
-
-# --------------------------------------------------------------------------- cell selection
-
-
-@dataclass
-class Selection:
-    rows: list[dict]  # the chosen configuration's rows (one per seed)
-    n_configs: int  # configurations that were candidates
-    dev: float | None  # mean dev metric of the chosen configuration (x100)
-    failed: list[dict] = field(default_factory=list)  # rows that did not finish ok
-
-    @property
-    def config(self) -> str:
-        return describe_config(self.rows[0]) if self.rows else ""
-
-
-def select_best(rows: list[dict]) -> Selection:
-    """Among the configurations of ``rows``, the one with the best mean dev metric (ties: first seen)."""
-    failed = [r for r in rows if r.get("status") != "ok"]
-    groups: dict[str, list[dict]] = {}
-    bad: set[str] = set()
-    for row in rows:
-        key = config_key(row)
-        if row.get("status") == "ok":
-            groups.setdefault(key, []).append(row)
-        else:
-            bad.add(key)
-    candidates = {k: g for k, g in groups.items() if k not in bad}
-    if not candidates:
-        return Selection([], 0, None, failed)
-    scored = []
-    for key, group in candidates.items():
-        devs = [quantity(r, "dev") for r in group]
-        dev = statistics.fmean(devs) if all(d is not None for d in devs) else None
-        scored.append((dev, key, group))
-    if len(scored) > 1 and any(dev is None for dev, _, _ in scored):
-        # without a dev metric for every configuration there is no honest way to choose
-        return Selection([], len(scored), None, failed)
-    best = max(scored, key=lambda item: -math.inf if item[0] is None else item[0])
-    group = sorted(best[2], key=lambda r: r.get("seed", 0))
-    return Selection(group, len(scored), best[0], failed)
 
 
 # --------------------------------------------------------------------------- table building
@@ -348,6 +252,7 @@ class Table:
     n_rows: int
     memory_source: str = ""
     models: dict = field(default_factory=dict)  # model role -> the profile's model
+    claims: list[ClaimResult] = field(default_factory=list)  # the paper's claims, checked (zoexp.claims)
 
     def missing(self) -> list[Cell]:
         """Cells without a value that a complete run of the profile must fill."""
@@ -376,6 +281,7 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
     """Fill every cell of table ``name`` from ``rows`` (already restricted to the table and profile)."""
     layout = load_layout(name)
     if check:
+        check_code_versions(rows, name)
         check_rows(rows, name, current_task_versions({r.get("task") for r in rows}))
     models = _profile_models(name, profile)
     cells: dict[tuple[int, str, str], Cell] = {}
@@ -397,7 +303,47 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
                     select = {**(panel.get("select") or {}), **(lrow.get("select") or {}), **(col.get("select") or {})}
                     _fill(cell, select, rows, models, profile, sources)
         _fill_derived(panel, p, cells)
-    return Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+    table = Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+    try:
+        table.claims = check_claims(table_claims(name), claims_grid(table))
+    except ClaimError as exc:  # a malformed claim in conf/experiment/<name>.yaml: say where
+        raise ReportError(f"conf/experiment/{name}.yaml, sweep.claims: {exc}") from exc
+    return table
+
+
+def table_claims(name: str) -> list[dict]:
+    """The paper's claims about table ``name``: ``sweep.claims`` of ``conf/experiment/<name>.yaml``."""
+    from zoexp.sweep import SweepError, load_sweep
+
+    try:
+        return list(load_sweep(name).get("claims") or [])
+    except SweepError:  # a table without a sweep config (e.g. a test's layout): no claims
+        return []
+
+
+def claims_grid(table: Table) -> Grid:
+    """The table's cells as the claim checks see them (zoexp.claims): the paper's numbers and ours."""
+    panels = panels_of(table.layout)
+
+    def data(items: list[dict], columns: bool) -> list[str]:
+        return [i["key"] for i in items if not (i.get("paper_only") or i.get("unavailable") or i.get("extra")
+                                                 or (columns and (i.get("aggregate") or i.get("relative"))))]
+
+    def ours(row: str, col: str, p: int) -> tuple[float | None, str]:
+        cell = table.cells[(p, row, col)]
+        if cell.mean is not None:
+            return cell.mean, ""
+        return None, (f"ours is {cell.text}" if cell.text else cell.reason or cell.missing or "no value")
+
+    def paper(row: str, col: str, p: int) -> tuple[float | None, str]:
+        cell = table.cells[(p, row, col)]
+        if cell.paper_value is not None:
+            return cell.paper_value, ""
+        return None, f"the paper prints {cell.paper!r}" if cell.paper is not None else "no number in the paper"
+
+    return Grid([data(pn["rows"], False) for pn in panels], [data(pn["columns"], True) for pn in panels],
+                [{r["key"] for r in pn["rows"]} for pn in panels], [{c["key"] for c in pn["columns"]} for pn in panels],
+                ours, paper)
 
 
 def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str, sources: set[str]) -> None:
@@ -421,7 +367,7 @@ def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str
         cell.text = ", ".join(sorted({str(v) for v in values}))
         return
     if cell.quantity == "memory":
-        sources.update(src for src in (_memory_bytes(r)[1] for r in chosen.rows) if src)
+        sources.update(src for src in (memory_bytes(r)[1] for r in chosen.rows) if src)
     values = [v for v in values if v is not None]
     if not values:
         cell.missing = f"the rows do not record {cell.quantity}"
@@ -637,6 +583,7 @@ def to_markdown(table: Table) -> str:
         out.append("|" + "|".join("---" for _ in header) + "|")
         out += ["| " + " | ".join(x.replace("|", "\\|") for x in line) + " |" for line in lines]
         out.append("")
+    out += render_markdown(table.claims)
     out += [f"- {n}" for n in notes(table)]
     configs = selected_configs(table)
     if configs:
@@ -725,15 +672,17 @@ def write(table: Table, out_dir: str | Path = "results") -> list[Path]:
 
 
 def report(name: str, profile: str = "cpu", results_dir: str | Path = "results", rows: str | Path | None = None,
-           out_dir: str | Path | None = None, figures: bool = True) -> tuple[Table, list[Path]]:
+           out_dir: str | Path | None = None, figures: bool = True,
+           newest_code: bool = False) -> tuple[Table, list[Path]]:
     path = Path(rows) if rows else rows_path(name, profile, results_dir)
-    table = build(name, profile, load_rows(name, profile, path), rows_file=str(path))
+    table_rows = check_code_versions(load_rows(name, profile, path), name, newest=newest_code)
+    table = build(name, profile, table_rows, rows_file=str(path))
     written = write(table, out_dir or results_dir)
     if figures and table.layout.get("figures"):
         try:
             from zoexp.figures import draw_figures
 
-            written += draw_figures(table, load_rows(name, profile, path), out_dir or results_dir)
+            written += draw_figures(table, table_rows, out_dir or results_dir)
         except ImportError as exc:  # matplotlib is the optional `report` extra
             log.warning("figures of %s not drawn (%s); pip install 'zoexp[report]'", name, exc)
     return table, written
@@ -756,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=None, help="read rows from this JSON-lines file instead")
     parser.add_argument("--out", default=None, help="output root (tables/ and figures/ under it; default: results-dir)")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--newest-code", action="store_true",
+                        help="where a method's rows come from different versions of its code, keep only the newest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     names = table_names() if args.tables == ["all"] else args.tables
@@ -765,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.tables == ["all"] and not path.exists():
             continue
         try:
-            table, written = report(name, args.profile, args.results_dir, args.rows, args.out, not args.no_figures)
+            table, written = report(name, args.profile, args.results_dir, args.rows, args.out, not args.no_figures,
+                                    newest_code=args.newest_code)
         except ReportError as exc:
             print(f"zoexp-report: {exc}", file=sys.stderr)
             status = 2

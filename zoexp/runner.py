@@ -26,6 +26,7 @@ from zoexp.loggers import MetricsLogger, learning_rate, memory_peaks
 from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, ZOMethod, build_method
 from zoexp.models import count_params, load_model, model_devices, resolve_device, resolve_dtype
+from zoexp.provenance import method_code_version
 from zoexp.results import append_row, git_commit, versions
 from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
 from zoexp.scoring import Encoder, classification_loss, lm_loss, request_tokens
@@ -148,10 +149,12 @@ def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, cou
 
 
 def training_loss(cfg: DictConfig, task: Task) -> str:
-    """``run.loss``: lm (default) | classification | auto (the task spec's MeZO choice)."""
-    loss = str(cfg.run.get("loss", "lm"))
+    """``run.loss``: auto (default: the task spec's MeZO choice) | lm | classification. An offloaded run
+    computes the LM loss only (its dual forward), so there auto means lm."""
+    loss = str(cfg.run.get("loss", "auto"))
     if loss == "auto":
-        return "classification" if task.spec.get("train_as_classification") else "lm"
+        offloaded = bool(cfg.run.get("offload", False))
+        return "classification" if task.spec.get("train_as_classification") and not offloaded else "lm"
     if loss not in ("lm", "classification"):
         raise ValueError(f"run.loss must be lm, classification or auto, not {loss!r}")
     if loss == "classification" and task.type != "classification":
@@ -313,6 +316,7 @@ def base_row(cfg: DictConfig, run_dir: Path) -> dict:
                           **{k: cfg.task.get(k) for k in ("num_train", "num_dev", "num_test", "k_shot")}},
         "run_dir": str(run_dir),
         "git_commit": git_commit(),
+        "code_version": method_code_version(cfg.method),  # the method's own source (zoexp.provenance)
         "versions": versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -190,12 +190,14 @@ def settings_for(prof: dict, method: str, task: str, variant: str | None, role: 
 
 
 @dataclass
-class Plan:
+class SweepJobs:
+    """A table's sweep expanded under one profile: the jobs to run and the cells skipped, by reason."""
+
     jobs: list[Job]
     skipped: dict[str, int]  # reason -> number of cells
 
 
-def expand(spec: Any, profile: str, check_available: bool = True, data_dir=None) -> Plan:
+def expand(spec: Any, profile: str, check_available: bool = True, data_dir=None) -> SweepJobs:
     """Every job of ``spec`` (a ``sweep`` section) under ``profile``; cells whose method/task/model config
     does not exist here, whose task has no folder in ``data_dir`` (when given), or whose model role the
     profile does not run, are skipped (and counted)."""
@@ -239,10 +241,10 @@ def expand(spec: Any, profile: str, check_available: bool = True, data_dir=None)
                 if key not in seen:
                     seen.add(key)
                     jobs.append(job)
-    return Plan(jobs, skipped)
+    return SweepJobs(jobs, skipped)
 
 
-def describe(plan: Plan, name: str, profile: str) -> str:
+def describe(plan: SweepJobs, name: str, profile: str) -> str:
     cells = {(j.method, j.task, j.role, j.variant) for j in plan.jobs}
     lines = [f"{name} ({profile} profile): {len(cells)} cells, {len(plan.jobs)} jobs"]
     missing: dict[str, int] = {}

@@ -31,7 +31,6 @@ import gzip
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from zoexp.paths import tasks_dir
+from zoexp.taskdata import DataError, Example, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -54,44 +54,6 @@ def _truncate_left(text: Any) -> str:
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 _ENV.filters["truncate_left"] = _truncate_left
 _EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".tsv", ".csv", ".parquet")
-
-
-class DataError(RuntimeError):
-    pass
-
-
-@dataclass
-class Example:
-    """One rendered example: the prompt, its candidates (classification) or gold answers (generation)."""
-
-    id: Any
-    prompt: str
-    candidates: list[str] = field(default_factory=list)
-    label: int | None = None  # index of the gold candidate (the one trained on)
-    answers: list[str] = field(default_factory=list)  # gold answers (generation)
-    golds: list[int] | None = None  # every correct candidate, when there are several (ReCoRD)
-    passage: tuple[int, int] | None = None  # [start, end) of the prompt that may be cut from the left
-    gold_target: str | None = None  # trained continuation of a generation example (spec `target`)
-
-    @property
-    def target(self) -> str:
-        """The continuation trained on: the gold candidate, or the generation target / first answer."""
-        if self.candidates:
-            return self.candidates[self.label]
-        return self.gold_target if self.gold_target is not None else self.answers[0]
-
-    @property
-    def gold_labels(self) -> list[int]:
-        return list(self.golds) if self.golds else [self.label]
-
-
-@dataclass
-class TaskData:
-    train: list[Example]
-    dev: list[Example]
-    test: list[Example]
-    notes: list[str] = field(default_factory=list)
-    splits: dict = field(default_factory=dict)  # which source split each set came from
 
 
 def available_tasks() -> list[str]:
@@ -209,18 +171,20 @@ class Task:
 
     # ------------------------------------------------------------------ data
 
-    def _split_names(self, role: str) -> list[str]:
+    def split_names(self, role: str) -> list[str]:
+        """The source split names the spec lists for ``role`` (train or test), in order of preference."""
         splits = self.spec.get("splits", {"train": "train", "test": "validation"})
         return [str(s) for s in _as_list(splits.get(role))]
 
-    def _folder(self, data_dir) -> Path:
+    def folder(self, data_dir) -> Path:
+        """The local folder holding this task's ``<split>.<ext>`` files under ``data_dir``."""
         return Path(data_dir) / self.spec.get("source", {}).get("local", self.name)
 
     def has_split(self, split: str, data_dir) -> bool:
         if not data_dir:
             names = self._hub_split_names()
             return names is None or split in names
-        return any((self._folder(data_dir) / f"{split}{ext}").is_file() for ext in _EXTENSIONS)
+        return any((self.folder(data_dir) / f"{split}{ext}").is_file() for ext in _EXTENSIONS)
 
     def _hub_split_names(self) -> list[str] | None:
         hub = self.spec.get("source", {}).get("hub")
@@ -237,12 +201,12 @@ class Task:
 
     def resolve_split(self, role: str, data_dir) -> str | None:
         """The first split listed for ``role`` (train or test) that exists in the source, else None."""
-        return next((s for s in self._split_names(role) if self.has_split(s, data_dir)), None)
+        return next((s for s in self.split_names(role) if self.has_split(s, data_dir)), None)
 
     def load_split(self, split: str, data_dir: str | os.PathLike | None) -> list[dict]:
         source = self.spec.get("source", {})
         if data_dir:
-            folder = self._folder(data_dir)
+            folder = self.folder(data_dir)
             for ext in _EXTENSIONS:
                 path = folder / f"{split}{ext}"
                 if path.is_file():
@@ -281,7 +245,8 @@ class Task:
                     row[new] = row.pop(old)
         return rows
 
-    def _rows(self, split: str, data_dir, notes: list[str]) -> list[dict]:
+    def rows(self, split: str, data_dir, notes: list[str]) -> list[dict]:
+        """The raw rows of ``split`` after the spec's ``filter`` (what was dropped is added to ``notes``)."""
         rows = self.load_split(split, data_dir)
         if self._filter is not None:
             kept = [r for r in rows if self._filter(**r)]
@@ -306,13 +271,13 @@ class Task:
         test_split = self.resolve_split("test", data_dir)
         notes: list[str] = []
         if train_split is None and test_split is None:
-            wanted = self._split_names("train") + self._split_names("test")
-            where = self._folder(data_dir) if data_dir else f"hub {spec.get('source', {}).get('hub')}"
+            wanted = self.split_names("train") + self.split_names("test")
+            where = self.folder(data_dir) if data_dir else f"hub {spec.get('source', {}).get('hub')}"
             raise DataError(f"task {self.name}: none of the splits {wanted} found in {where}. "
                             "Point data_dir (or ZOEXP_DATA_DIR) at a folder with <task>/<split>.jsonl files.")
         if train_split and test_split and train_split != test_split:
-            train_rows = self._rows(train_split, data_dir, notes)
-            test_rows = self._rows(test_split, data_dir, notes)
+            train_rows = self.rows(train_split, data_dir, notes)
+            test_rows = self.rows(test_split, data_dir, notes)
             order = np.random.RandomState(seed).permutation(len(train_rows)).tolist()
             pool = order[:num_train + num_dev]
             if num_train + num_dev > len(train_rows):
@@ -329,7 +294,7 @@ class Task:
             # One split only: disjoint slices of one permutation; test first, so the test set does not
             # depend on num_train/num_dev unless the split is too small for all three.
             only = test_split or train_split
-            rows = self._rows(only, data_dir, notes)
+            rows = self.rows(only, data_dir, notes)
             order = np.random.RandomState(seed).permutation(len(rows)).tolist()
             n_test = min(num_test, max(len(rows) - num_train - num_dev, len(rows) // 2))
             test_idx = order[:n_test]
@@ -340,7 +305,7 @@ class Task:
             dev = [rows[i] for i in dev_idx]
             test = [rows[i] for i in test_idx]
             missing = "train" if test_split else "test"
-            wanted = "/".join(self._split_names(missing)) or missing
+            wanted = "/".join(self.split_names(missing)) or missing
             notes.append(
                 f"no {wanted} split: train/dev/test sampled disjointly from {only} "
                 f"({len(train)}/{len(dev)}/{len(test)} of {len(rows)})"

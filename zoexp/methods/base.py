@@ -127,6 +127,10 @@ class ZOMethod(Method):
 
     # ----------------------------------------------------------------- offloading
 
+    def supports_offload(self) -> bool:
+        """Whether this method implements the per-group operations an offloaded step needs."""
+        return type(self).perturb_group_ is not ZOMethod.perturb_group_
+
     def attach_offloader(self, offloader) -> None:
         """Run steps through ``offloader``'s dual forward (``zoexp.offload.enable_offload`` calls this)."""
         self.offloader = offloader
@@ -159,7 +163,7 @@ class ZOMethod(Method):
         for the + stream, −ε for the − stream and restored (``zoexp.offload.dual_lm_loss``); step t's
         update is deferred in turn (ZO2's lazy update), so every block crosses the bus once per step.
         """
-        from zoexp.offload import DualPerturbation
+        from zoexp.methods.deferred import DualPerturbation
 
         dual = getattr(closure, "dual", None)
         if dual is None:

@@ -1,0 +1,79 @@
+"""Rows as provenance: every row carries the code version of its method (zoexp.provenance), and the report
+refuses to put rows of one method made by different code into one table (or keeps the newest on request)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+from test_report import cell, row, toy  # noqa: F401 -- the toy table fixture
+
+import zoexp.report as report
+from zoexp.methods import FOCUS, MeZO
+from zoexp.provenance import code_version_of, method_code_version, method_modules
+from zoexp.report import ReportError, build
+
+
+def test_a_methods_code_is_its_class_its_bases_and_the_zo_core():
+    assert method_modules(MeZO) == ["zoexp.methods.base", "zoexp.methods.deferred", "zoexp.methods.mezo",
+                                    "zoexp.methods.noise", "zoexp.methods.philox"]
+    assert {"zoexp.methods.hizoo", "zoexp.methods.selection"} <= set(method_modules(FOCUS))
+    assert "zoexp.methods.mezo" not in method_modules(FOCUS)
+    version = method_code_version(OmegaConf.create({"_target_": "zoexp.methods.MeZO"}))
+    assert version == code_version_of(MeZO) and len(version) == 12 and int(version, 16) >= 0
+    assert code_version_of(FOCUS) != version
+    assert method_code_version(OmegaConf.create({"name": "zero-shot"})) is None
+
+
+def test_the_version_follows_the_source(tmp_path, monkeypatch):
+    (tmp_path / "mymethod.py").write_text("from zoexp.methods import Method\n\nclass Toy(Method):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        first = code_version_of(importlib.import_module("mymethod").Toy)
+        (tmp_path / "mymethod.py").write_text("from zoexp.methods import Method\n\nclass Toy(Method):\n    x = 1\n")
+        sys.modules.pop("mymethod")
+        second = code_version_of(importlib.import_module("mymethod").Toy)
+    finally:
+        sys.modules.pop("mymethod", None)
+    assert first != second
+
+
+def versioned(version, started, **kw):
+    return row(code_version=version, started_at=started, **kw)
+
+
+def test_rows_of_one_method_from_different_code_are_refused(toy):  # noqa: F811
+    rows = [versioned("aaaaaaaaaaaa", "2026-01-01T10:00:00", seed=0),
+            versioned("bbbbbbbbbbbb", "2026-01-02T10:00:00", seed=1),
+            versioned("cccccccccccc", "2026-01-01T10:00:00", method="hizoo")]
+    with pytest.raises(ReportError) as err:
+        build("toy", "smoke", rows)
+    message = str(err.value)
+    assert "refusing to build toy: rows of one method were made by different versions of its code" in message
+    assert ("method mezo: bbbbbbbbbbbb (1 rows, latest 2026-01-02T10:00:00), aaaaaaaaaaaa (1 rows, latest "
+            "2026-01-01T10:00:00)") in message
+    assert "hizoo" not in message and "--newest-code" in message
+    assert "zoexp -m experiment=toy profile=smoke method=mezo hydra.sweeper.skip_done=false" in message
+
+
+def test_newest_code_keeps_each_methods_newest_version(toy):  # noqa: F811
+    rows = [versioned("aaaaaaaaaaaa", "2026-01-01T10:00:00", seed=0, test=0.1),
+            versioned("bbbbbbbbbbbb", "2026-01-02T10:00:00", seed=1, test=0.9),
+            versioned(None, "2025-12-01T10:00:00", seed=2, test=0.5)]  # a row from before code versions
+    kept = report.check_code_versions(rows, "toy", newest=True)
+    assert [r["code_version"] for r in kept] == ["bbbbbbbbbbbb"]
+    assert cell(build("toy", "smoke", kept), "mezo", "a").mean == pytest.approx(90.0)
+
+
+def test_the_cli_refuses_mixed_code_or_keeps_the_newest(toy, tmp_path, capsys):  # noqa: F811
+    path = tmp_path / "rows.jsonl"
+    rows = [versioned("aaaaaaaaaaaa", "2026-01-01T10:00:00", seed=0), versioned("bbbbbbbbbbbb", "2026-01-02T10:00:00", seed=1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["toy", "--profile", "smoke", "--rows", str(path), "--out", str(tmp_path / "out"), "--no-figures"]
+    assert report.main(args) == 2
+    assert "method mezo: bbbbbbbbbbbb" in capsys.readouterr().err
+    assert report.main([*args, "--newest-code"]) == 0
+    assert (tmp_path / "out" / "tables" / "smoke" / "toy.md").is_file()
