@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from zoexp.paths import conf_dir, tasks_dir
+from zoexp.validate import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 
 log = logging.getLogger("zoexp")
 
@@ -20,14 +21,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zoexp.models import ModelLoadError
     from zoexp.resume import ResumeError
     from zoexp.tasks import DataError
+    from zoexp.validate import ConfigError, UserError
 
-    return (ModelLoadError, DataError, ResumeError)
+    return (ModelLoadError, DataError, ResumeError, ConfigError, UserError)
+
+
+# exit code of each job of a multirun run in this process (zoexp.validate: EXIT_*); main() exits with the worst
+_OUTCOMES: list[int] = []
+_SEVERITY = {EXIT_OK: 0, EXIT_DIVERGED: 1, EXIT_USER_ERROR: 2, EXIT_FAILED: 3}
 
 
 def register_resolvers() -> None:
-    """``${zoexp.either:A,B}``: A unless it is null, else B (the run directory: run.name or a timestamp)."""
+    """``${zoexp.either:A,B}``: A unless it is null, else B. ``${zoexp.run_dir:ROOT,NAME,STAMP}``: ROOT/NAME
+    when run.name is set, else ROOT/STAMP created exclusively (zoexp.validate.run_dir; cached, so Hydra and
+    the checks before it see the same directory)."""
+    from zoexp.validate import run_dir
+
     if not OmegaConf.has_resolver("zoexp.either"):
         OmegaConf.register_new_resolver("zoexp.either", lambda a, b: b if a is None else a)
+    if not OmegaConf.has_resolver("zoexp.run_dir"):
+        OmegaConf.register_new_resolver("zoexp.run_dir", run_dir, use_cache=True)
 
 
 def register_tasks() -> None:
@@ -99,22 +112,30 @@ def _main(cfg: DictConfig):
     logging.getLogger("zoexp").setLevel(logging.INFO)
     try:
         row = run(cfg, run_dir=hydra_cfg.runtime.output_dir)
-    except _user_errors() as exc:
+    except _user_errors() as exc:  # the run never started: no row, one line, exit code 2
         print(f"zoexp: error: {exc}", file=sys.stderr)
         if multirun:
+            _OUTCOMES.append(EXIT_USER_ERROR)
             return None
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     except Preempted as exc:  # checkpoint and `preempted` row written; stop (a sweep too: the machine is going)
         print(f"zoexp: preempted: {exc}", file=sys.stderr)
         sys.exit(128 + int(exc.signum or 15))
     except Exception:
         if multirun:  # the row says `failed`; the rest of the sweep goes on
             log.exception("run failed (row written with status=failed); continuing the sweep")
+            _OUTCOMES.append(EXIT_FAILED)
             return None
-        raise
+        raise  # Hydra prints the traceback and exits with code 1 (EXIT_FAILED)
     row["results_file"] = cfg.run.results_file
     if not row.get("dist/rank"):  # rank 0 (or a single process) prints
         print_summary(row)
+    code = EXIT_DIVERGED if row.get("status") == "diverged" else EXIT_OK
+    if multirun:
+        _OUTCOMES.append(code)
+    elif code != EXIT_OK:
+        print(f"zoexp: run diverged: {row.get('message')} (exit code {code})", file=sys.stderr)
+        sys.exit(code)
     return row.get(f"test/{cfg.task.get('metric', 'acc')}")
 
 
@@ -132,6 +153,15 @@ def _quiet_other_ranks() -> None:
 def main() -> None:
     _quiet_other_ranks()
     _main()
+    # a multirun ran every job (a failed one does not stop the sweep); its exit code is the worst job's
+    worst = max(_OUTCOMES, key=_SEVERITY.__getitem__, default=EXIT_OK)
+    from zoexp.distributed import shutdown
+
+    shutdown()
+    if worst != EXIT_OK:
+        print(f"zoexp: {sum(c != EXIT_OK for c in _OUTCOMES)} of {len(_OUTCOMES)} runs did not finish ok "
+              f"(exit code {worst}; see their rows and messages above)", file=sys.stderr)
+        sys.exit(worst)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ exact match -- are means over examples, combined exactly by weighting with each 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -290,6 +292,7 @@ class DataParallel(Single):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        shutdown()  # the end of the run: the next run of a multirun under torchrun creates a new group
 
 
 def _submitit_world() -> int:
@@ -331,15 +334,36 @@ def setup(cfg, device: torch.device) -> Single:
     backend = str(cfg.run.get("dist_backend") or "auto")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():  # once per process: a multirun under torchrun reuses the group
+    if not dist.is_initialized():
+        # Imported before the group exists: its functions bind `group=group.WORLD` as default arguments
+        # when the module is first imported (transformers' from_config imports it lazily); bound to a
+        # live group they keep it alive past destroy_process_group, and a gloo worker thread then
+        # aborts the process at interpreter exit (SIGABRT, "terminate called without an active
+        # exception"), so torchrun reports a successful run as failed.
+        import torch.distributed.nn.functional  # noqa: F401
+
         timeout = timedelta(minutes=float(cfg.run.get("dist_timeout_min") or 30))
         dist.init_process_group(backend=backend, timeout=timeout)
-        atexit.register(_destroy)
+        atexit.register(shutdown)
     elif dist.get_backend() != backend:
         raise ValueError(f"the process group uses {dist.get_backend()}, this run needs {backend}")
     return DataParallel(device, backend)
 
 
-def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown() -> None:
+    """Destroy the default process group, if any (the end of a data-parallel run; also at exit).
+
+    Every rank reaches it after the run's last collective; a barrier first, so no rank tears down its
+    gloo pairs while another still sends. Python threads left behind are reported (there should be none).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except Exception as exc:  # a peer died: tear down anyway
+        log.warning("barrier before destroying the process group failed: %s", exc)
+    dist.destroy_process_group()
+    gc.collect()  # drop the last references to the group's C++ objects now, not at interpreter shutdown
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if left:
+        log.warning("threads still running after the process group was destroyed: %s", ", ".join(left))
