@@ -151,13 +151,17 @@ def _quiet_other_ranks() -> None:
 
 
 def main() -> None:
-    _quiet_other_ranks()
-    _main()
-    # a multirun ran every job (a failed one does not stop the sweep); its exit code is the worst job's
-    worst = max(_OUTCOMES, key=_SEVERITY.__getitem__, default=EXIT_OK)
     from zoexp.distributed import shutdown
 
-    shutdown()
+    _quiet_other_ranks()
+    try:
+        _main()
+    except BaseException:  # a data-parallel multirun's process group, before the interpreter shuts down
+        shutdown(barrier=False)
+        raise
+    shutdown(barrier=True)  # (a no-op after a single run, whose group ended with it)
+    # a multirun ran every job (a failed one does not stop the sweep); its exit code is the worst job's
+    worst = max(_OUTCOMES, key=_SEVERITY.__getitem__, default=EXIT_OK)
     if worst != EXIT_OK:
         print(f"zoexp: {sum(c != EXIT_OK for c in _OUTCOMES)} of {len(_OUTCOMES)} runs did not finish ok "
               f"(exit code {worst}; see their rows and messages above)", file=sys.stderr)

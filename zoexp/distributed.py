@@ -98,7 +98,7 @@ class Single:
     def row_fields(self, steps_run: int) -> dict:
         return {}
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         return None
 
 
@@ -230,10 +230,13 @@ class DataParallel(Single):
         main_dir = Path(self.broadcast(str(Path(run_dir).resolve()) if self.is_main else None))
         own = Path(run_dir).resolve()
         if not self.is_main and own != main_dir and own != Path.cwd().resolve():
-            try:
-                own.rmdir()
-            except OSError:
-                pass
+            for empty in (own, own.parent):  # its job directory, and the sweep directory it claimed
+                try:
+                    if empty == own.parent and [p.name for p in empty.iterdir()] == ["multirun.yaml"]:
+                        (empty / "multirun.yaml").unlink()
+                    empty.rmdir()
+                except OSError:
+                    break
         return main_dir
 
     def best_file(self) -> str:
@@ -288,11 +291,12 @@ class DataParallel(Single):
             "time/allreduce_s": self.comm_s,
         }
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        shutdown()  # the end of the run: the next run of a multirun under torchrun creates a new group
+        if not _in_multirun():  # the end of the run; a multirun's jobs share the group (zoexp.cli.main ends it)
+            shutdown(barrier)
 
 
 def _submitit_world() -> int:
@@ -350,18 +354,32 @@ def setup(cfg, device: torch.device) -> Single:
     return DataParallel(device, backend)
 
 
-def shutdown() -> None:
+def _in_multirun() -> bool:
+    """Whether this process runs a Hydra multirun: its jobs reuse one process group (torchrun's store cannot
+    host a second group of the same ranks), destroyed when the process ends."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def shutdown(barrier: bool = False) -> None:
     """Destroy the default process group, if any (the end of a data-parallel run; also at exit).
 
-    Every rank reaches it after the run's last collective; a barrier first, so no rank tears down its
-    gloo pairs while another still sends. Python threads left behind are reported (there should be none).
+    ``barrier``: after a run that ended normally on every rank, wait for all of them first, so no rank
+    tears down its gloo pairs while another still sends (never after a failure: the others may not come).
+    Python threads left behind are reported (there should be none).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    try:
-        dist.barrier()
-    except Exception as exc:  # a peer died: tear down anyway
-        log.warning("barrier before destroying the process group failed: %s", exc)
+    if barrier:
+        try:
+            dist.barrier()
+        except Exception as exc:  # a peer died: tear down anyway
+            log.warning("barrier before destroying the process group failed: %s", exc)
     dist.destroy_process_group()
     gc.collect()  # drop the last references to the group's C++ objects now, not at interpreter shutdown
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]

@@ -490,6 +490,7 @@ def lock_run_dir(run_dir: Path) -> None:
 def unlock_run_dir(run_dir: Path) -> None:
     fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
     if fd is not None:
+        (Path(run_dir) / ".lock").unlink(missing_ok=True)
         os.close(fd)
 
 

@@ -286,16 +286,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # the run directory if there is one, or return the row of a run that already finished there
     # (zoexp.resume) -- only for a directory given explicitly (the CLI's, or run.dir), never the cwd
     dist = distributed.setup(cfg, resolve_device(cfg.run.device))
+    finished = False
     try:
         run_dir = dist.shared_run_dir(run_dir)
         plan = resume.plan(cfg, run_dir, dist) if given else resume.Plan(run_dir)
         if plan.finished is not None:
             log.info("%s already finished (status %s); nothing to do", plan.run_dir, plan.finished["status"])
-            return plan.finished
-        return _run_and_record(cfg, plan, dist, keep_result=bool(given))
+            row = plan.finished
+        else:
+            row = _run_and_record(cfg, plan, dist, keep_result=bool(given))
+        finished = True
+        return row
     finally:
         resume.unlock_run_dir(run_dir)
-        dist.close()
+        dist.close(barrier=finished)  # [scale-out] the process group ends with the run (no barrier after a failure)
 
 
 def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist, keep_result: bool = True) -> dict:
