@@ -41,6 +41,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("zoexp.either", lambda a, b: b if a is None else a)
     if not OmegaConf.has_resolver("zoexp.run_dir"):
         OmegaConf.register_new_resolver("zoexp.run_dir", run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("zoexp.help_groups"):
+        OmegaConf.register_new_resolver("zoexp.help_groups", help_groups)
+
+
+def help_groups() -> str:
+    """The config groups of ``zoexp --help``: the four a run chooses from, then the optional ones."""
+
+    def options(folder) -> str:
+        return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+    conf = conf_dir()
+    lines = ["Choose one of each (GROUP=OPTION):", ""]
+    for group in ("model", "task", "method", "run"):
+        lines.append(f"{group}: {options(tasks_dir() if group == 'task' else conf / group)}")
+    lines += ["", "Optional, with -m (a sweep):", "",
+              f"experiment: {options(conf / 'experiment')}   (a paper table: -m experiment=NAME profile=cpu)",
+              f"hydra/launcher: {options(conf / 'hydra' / 'launcher')}   (where the sweep's jobs run)"]
+    return "\n".join(lines)
 
 
 def register_tasks() -> None:

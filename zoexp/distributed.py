@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib
 import logging
 import os
 import threading
@@ -344,7 +345,7 @@ def setup(cfg, device: torch.device) -> Single:
         # live group they keep it alive past destroy_process_group, and a gloo worker thread then
         # aborts the process at interpreter exit (SIGABRT, "terminate called without an active
         # exception"), so torchrun reports a successful run as failed.
-        import torch.distributed.nn.functional  # noqa: F401
+        importlib.import_module("torch.distributed.nn.functional")
 
         timeout = timedelta(minutes=float(cfg.run.get("dist_timeout_min") or 30))
         dist.init_process_group(backend=backend, timeout=timeout)

@@ -182,7 +182,14 @@ def load_tokenizer(cfg: Any):
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     key = json.dumps({k: v for k, v in plain.items() if k != "name"}, sort_keys=True, default=str)
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = _load_tokenizer(cfg)
+        try:
+            _TOKENIZERS[key] = _load_tokenizer(cfg)
+        except (OSError, ValueError) as exc:  # offline hub, no such repository or folder
+            raise ModelLoadError(
+                f"could not load the tokenizer of {cfg.get('path') or cfg.get('name')!r}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Without internet, use "
+                "model=smollm2-135m (offline) or model=tiny-opt / tiny-llama, or model.source=local "
+                "model.path=<folder>") from exc
     return _TOKENIZERS[key]
 
 

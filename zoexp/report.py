@@ -727,7 +727,13 @@ def write(table: Table, out_dir: str | Path = "results") -> list[Path]:
 def report(name: str, profile: str = "cpu", results_dir: str | Path = "results", rows: str | Path | None = None,
            out_dir: str | Path | None = None, figures: bool = True) -> tuple[Table, list[Path]]:
     path = Path(rows) if rows else rows_path(name, profile, results_dir)
-    table = build(name, profile, load_rows(name, profile, path), rows_file=str(path))
+    found = load_rows(name, profile, path)
+    if not found:  # an all-"—" table would look like a result
+        raise ReportError(f"no rows of {name} (profile {profile}) in {path}"
+                          + ("" if path.exists() else " (no such file)")
+                          + f"; run the sweep first (zoexp -m experiment={name} profile={profile}) or point "
+                          "--results-dir / --rows at its rows")
+    table = build(name, profile, found, rows_file=str(path))
     written = write(table, out_dir or results_dir)
     if figures and table.layout.get("figures"):
         try:

@@ -42,7 +42,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from zoexp.checkpoint import file_crc32, load_into, load_tensors, load_tree, save_tensors, save_tree
+from zoexp.checkpoint import (
+    file_crc32,
+    load_into,
+    load_tensors,
+    load_tree,
+    read_header,
+    save_tensors,
+    save_tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +239,27 @@ def verify(path: Path) -> dict:
             raise ResumeError(f"{path}: {name} has {size} bytes, the manifest says {info['bytes']}")
         if file_crc32(file) != info["crc32"]:
             raise ResumeError(f"{path}: {name} is corrupt (CRC-32 mismatch)")
+        if name.endswith(".safetensors"):
+            _check_layout(path, name, file, size)
     return manifest
+
+
+def _check_layout(path: Path, name: str, file: Path, size: int) -> None:
+    """A safetensors file's header must parse and every tensor must lie inside the file: a header forged
+    to match re-forged CRCs is a corrupt checkpoint (skipped for the previous one), not a crash."""
+    try:
+        header, start = read_header(file)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            a, b = (int(x) for x in info["data_offsets"])
+            if not 0 <= a <= b or start + b > size:
+                raise ValueError(f"{key} lies outside the file")
+        if name in ("optimizer.safetensors", "trainer.safetensors") and \
+                "zoexp.tree" not in (header.get("__metadata__") or {}):
+            raise ValueError("no zoexp.tree metadata")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ResumeError(f"{path}: {name} is corrupt ({exc})") from None
 
 
 def latest_valid(run_dir: Path) -> tuple[Path | None, list[str]]:

@@ -306,6 +306,9 @@ def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist, keep_result: bool 
     run_dir = plan.run_dir
     row = base_row(cfg, run_dir)
     row["status"] = "starting"  # until set up: a bad value, missing data or model is a user error, no row
+    if plan.skipped:  # [scale-out] corrupt checkpoints passed over; none left: the run started over
+        row.update({"resume/skipped_checkpoints": list(plan.skipped),
+                    "resume/started_over": plan.checkpoint is None})
     row["config_fingerprint"] = resume.fingerprint(resume.run_identity(cfg))  # [scale-out] what resume compares
     device = dist.device
     meter = Meter(device)
