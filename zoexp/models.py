@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -187,7 +188,7 @@ def load_tokenizer(cfg: Any):
         except (OSError, ValueError) as exc:  # offline hub, no such repository or folder
             raise ModelLoadError(
                 f"could not load the tokenizer of {cfg.get('path') or cfg.get('name')!r}: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Without internet, use "
+                f"{(str(exc).splitlines() or [type(exc).__name__])[0].rstrip('.')}. Without internet, use "
                 "model=smollm2-135m (offline) or model=tiny-opt / tiny-llama, or model.source=local "
                 "model.path=<folder>") from exc
     return _TOKENIZERS[key]
@@ -203,9 +204,31 @@ def _load_tokenizer(cfg: Any):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     else:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(cfg.path), revision=cfg.get("revision"), trust_remote_code=trust
+            str(cfg.path), revision=cfg.get("revision"), trust_remote_code=trust, **_offline(cfg)
         )
     return _fix_special_tokens(tokenizer, cfg)
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all (2 s): without a network, loading from its cache only
+    fails at once instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline(cfg: Any) -> dict:
+    """``local_files_only=True`` for a hub model when the hub cannot be reached (its cache still works)."""
+    if cfg.get("source", "hub") != "hub" or Path(str(cfg.path)).is_dir() or os.environ.get("HF_HUB_OFFLINE"):
+        return {}
+    return {} if _hub_reachable() else {"local_files_only": True}
 
 
 def _fix_special_tokens(tokenizer, cfg: Any):
@@ -279,6 +302,7 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
                 attn_implementation=attn,
                 use_safetensors=cfg.get("use_safetensors"),
                 **placement,
+                **_offline(cfg),
             )
         except OSError as exc:
             raise ModelLoadError(
