@@ -199,6 +199,9 @@ class Task:
                 raise DataError(f"task {self.name}: example {ex_id!r}: no gold {wanted!r} among the candidates")
         else:
             golds = [int(v) for v in _as_list(self._label(**row))]
+            if not golds:
+                raise DataError(f"task {self.name}: example {ex_id!r} has no label "
+                                f"(`{self.spec['label']}` is missing or null)")
         for label in golds:
             if not 0 <= label < len(candidates):
                 raise DataError(f"task {self.name}: label {label} out of range for {len(candidates)} candidates")
@@ -419,7 +422,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                what = "truncated" if exc.pos >= len(line.rstrip()) else "not valid JSON"
+                what = "truncated" if not line.endswith("\n") else "not valid JSON"  # the file's cut-off end
                 raise DataError(f"{path}:{number}: {what} ({exc.msg} at column {exc.colno}); fix or remove "
                                 "that line") from None
             if not isinstance(row, dict):
