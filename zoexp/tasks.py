@@ -423,7 +423,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 what = "truncated" if not line.endswith("\n") else "not valid JSON"  # the file's cut-off end
-                raise DataError(f"{path}:{number}: {what} ({exc.msg} at column {exc.colno}); fix or remove "
+                raise DataError(f"{path}:{number}: {what} ({exc.msg}, column {exc.colno}); fix or remove "
                                 "that line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
