@@ -351,7 +351,6 @@ def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist, keep_result: bool 
 
 def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist=None, collective: bool = True,
             result_dir: Path | None = None) -> None:
-
     row.update(meter.values)
     row["time/total_s"] = time.perf_counter() - t_start
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
