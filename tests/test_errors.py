@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import types
 import zlib
 from pathlib import Path
 
@@ -263,7 +264,7 @@ def test_distributed_nn_functional_is_imported_before_the_group(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: order.append(
         ("init", "torch.distributed.nn.functional" in sys.modules)))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed, "DataParallel", lambda device, backend: None)
+    monkeypatch.setattr(distributed, "DataParallel", lambda device, backend: types.SimpleNamespace())
     from omegaconf import OmegaConf
 
     distributed.setup(OmegaConf.create({"run": {"distributed": "auto"}}), torch.device("cpu"))

@@ -132,6 +132,7 @@ class DataParallel(Single):
         self.comm_s = 0.0
         self._votes = 0
         self._hooks: list = []
+        self.owns_group = False  # set by setup() when it created the process group
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -296,7 +297,9 @@ class DataParallel(Single):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        if not _in_multirun():  # the end of the run; a multirun's jobs share the group (zoexp.cli.main ends it)
+        # the end of the run: the group it created ends with it (a multirun's jobs share one; zoexp.cli.main
+        # ends it when the command ends)
+        if self.owns_group and not _in_multirun():
             shutdown(barrier)
 
 
@@ -350,9 +353,14 @@ def setup(cfg, device: torch.device) -> Single:
         timeout = timedelta(minutes=float(cfg.run.get("dist_timeout_min") or 30))
         dist.init_process_group(backend=backend, timeout=timeout)
         atexit.register(shutdown)
+        created = True
     elif dist.get_backend() != backend:
         raise ValueError(f"the process group uses {dist.get_backend()}, this run needs {backend}")
-    return DataParallel(device, backend)
+    else:
+        created = False
+    group = DataParallel(device, backend)
+    group.owns_group = created
+    return group
 
 
 def _in_multirun() -> bool:

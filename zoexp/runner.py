@@ -401,6 +401,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     encoder = Encoder(tokenizer, max_length=max_length)
     pad_id = tokenizer.pad_token_id
     optimizer = build_method(cfg.method, model, seed=seed)
+    validate.check_active_blocks(cfg.method, optimizer)  # never silently fewer blocks than the row says
     if offload:
         from zoexp.offload import enable_offload
 

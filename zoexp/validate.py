@@ -119,6 +119,18 @@ def check_config(cfg: DictConfig) -> None:
     _check_device(str(run.get("device", "auto")))
 
 
+def check_active_blocks(method: DictConfig, optimizer) -> None:
+    """``method.active_blocks`` must not exceed the model's transformer blocks (a block-coordinate method
+    may cap k itself, e.g. on a toy; from a config, the row would say k while fewer blocks trained)."""
+    k = method.get("active_blocks")
+    if optimizer is None or not isinstance(k, int) or isinstance(k, bool):
+        return
+    blocks = sum(1 for g in optimizer.param_groups if g.get("role") == "block")
+    if blocks and k > blocks:
+        _fail("method.active_blocks", k, f"{method.get('name')} on this model has only {blocks} transformer "
+                                         f"blocks; choose method.active_blocks between 1 and {blocks}")
+
+
 def _check_device(name: str) -> None:
     import torch
 

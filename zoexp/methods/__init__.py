@@ -49,11 +49,6 @@ def build_method(method_cfg, model, seed: int = 0):
         from zoexp.models import param_groups
 
         groups = param_groups(model)
-    k = factory.keywords.get("active_blocks")
-    blocks = sum(1 for g in groups if isinstance(g, dict) and g.get("role") == "block")
-    if isinstance(k, int) and blocks and k > blocks:  # a method may cap k itself; from a config, never silently
-        raise ValueError(f"method.active_blocks={k}: {method_cfg.get('name')} on this model has only {blocks} "
-                         f"transformer blocks; choose method.active_blocks between 1 and {blocks}")
     if "seed" in inspect.signature(cls).parameters and "seed" not in factory.keywords:
         return factory(groups, seed=seed)
     return factory(groups)
