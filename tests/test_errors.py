@@ -140,11 +140,11 @@ def test_capped_test_set_is_recorded_in_the_notes(tmp_path):
 
 
 def test_parallel_launches_never_share_a_run_directory(tmp_path, fixture_data_dir):
-    from zoexp.validate import run_dir
+    from zoexp.validate import claim_dir, run_dir
 
     # the same second, the same name: every claim gets its own directory
     root = str(tmp_path / "runs")
-    claimed = {run_dir(root, None, "2026-01-01/10-00-00_mezo") for _ in range(3)}
+    claimed = {claim_dir(run_dir(root, None, "2026-01-01/10-00-00_mezo")) for _ in range(3)}
     assert len(claimed) == 3 and all(Path(p).is_dir() for p in claimed)
     assert run_dir(root, "named", "ignored") == f"{root}/named"
 

@@ -33,14 +33,14 @@ _SEVERITY = {EXIT_OK: 0, EXIT_DIVERGED: 1, EXIT_USER_ERROR: 2, EXIT_FAILED: 3}
 
 def register_resolvers() -> None:
     """``${zoexp.either:A,B}``: A unless it is null, else B. ``${zoexp.run_dir:ROOT,NAME,STAMP}``: ROOT/NAME
-    when run.name is set, else ROOT/STAMP created exclusively (zoexp.validate.run_dir; cached, so Hydra and
-    the checks before it see the same directory)."""
+    when run.name is set, else ROOT/STAMP (zoexp.validate.run_dir; created exclusively before Hydra uses it,
+    by zoexp.validate.PreRunChecks)."""
     from zoexp.validate import run_dir
 
     if not OmegaConf.has_resolver("zoexp.either"):
         OmegaConf.register_new_resolver("zoexp.either", lambda a, b: b if a is None else a)
     if not OmegaConf.has_resolver("zoexp.run_dir"):
-        OmegaConf.register_new_resolver("zoexp.run_dir", run_dir, use_cache=True)
+        OmegaConf.register_new_resolver("zoexp.run_dir", run_dir)
     if not OmegaConf.has_resolver("zoexp.help_groups"):
         OmegaConf.register_new_resolver("zoexp.help_groups", help_groups)
 

@@ -181,10 +181,11 @@ def claim_dir(path: str | os.PathLike) -> str:
 
 def run_dir(root: str, name, stamp: str) -> str:
     """``hydra.run.dir`` / ``hydra.sweep.dir``: ``root/name`` when ``run.name`` is set (stable: a re-launch
-    resumes there), else a fresh ``root/stamp`` claimed now (``claim_dir``)."""
+    resumes there), else ``root/stamp``. Pure (Hydra resolves it while it merges configs, too); the
+    timestamped directory is created exclusively by ``PreRunChecks`` before Hydra uses it."""
     if name is not None and str(name) != "":
         return f"{root}/{name}"
-    return claim_dir(f"{root}/{stamp}")
+    return f"{root}/{stamp}"
 
 
 def setup_errors() -> tuple[type[BaseException], ...]:
@@ -236,3 +237,30 @@ class PreRunChecks(Callback):
             check_run_dir(job, Path(str(config.hydra.run.dir)))
         except (ConfigError, ResumeError) as exc:
             _refuse(exc)
+        if job.run.get("name") is None:  # a timestamped directory: this run's alone
+            _claim(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        job = job_config(config)
+        if OmegaConf.select(config, "hydra.sweeper.dry_run", default=False):  # lists the jobs, writes nothing
+            return
+        if job.get("bench") is None and job.get("run") is not None and job.run.get("name") is None:
+            _claim(config, "sweep")
+
+
+def _claim(config: DictConfig, mode: str) -> None:
+    """Create ``hydra.<mode>.dir`` exclusively; if another run took it (the same second), use the next
+    free name, for Hydra and -- through the hydra overrides every job of a sweep is composed from -- for
+    every job."""
+    from omegaconf import open_dict, read_write
+
+    wanted = str(OmegaConf.select(config, f"hydra.{mode}.dir"))
+    claimed = claim_dir(wanted)
+    if claimed == wanted:
+        return
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra[mode].dir = claimed
+        if mode == "sweep":
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{claimed}'")
+
+
