@@ -228,6 +228,8 @@ def _offline(cfg: Any) -> dict:
     """``local_files_only=True`` for a hub model when the hub cannot be reached (its cache still works)."""
     if cfg.get("source", "hub") != "hub" or Path(str(cfg.path)).is_dir() or os.environ.get("HF_HUB_OFFLINE"):
         return {}
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return {}  # through a proxy a direct connection says nothing; let huggingface_hub try
     return {} if _hub_reachable() else {"local_files_only": True}
 
 
