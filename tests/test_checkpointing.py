@@ -202,9 +202,13 @@ def test_finished_run_is_returned_not_rerun(tmp_path):
     done = {"status": "ok", "test/acc": 0.75, "config_fingerprint": fingerprint(run_identity(cfg))}
     (tmp_path / "result.json").write_text(json.dumps(done))
     assert plan(cfg, tmp_path, Single(torch.device("cpu"))).finished["test/acc"] == 0.75
-    # the finished run of another configuration in the same directory is not this run's result
+    # the finished run of another configuration in the same directory is refused, never overwritten
     other = OmegaConf.merge(cfg, {"method": {"lr": 0.5}})
-    assert plan(other, tmp_path, Single(torch.device("cpu"))).finished is None
+    with pytest.raises(ResumeError, match="another configuration"):
+        plan(other, tmp_path, Single(torch.device("cpu")))
+    # run.resume=never would overwrite the finished run: refused too
+    with pytest.raises(ResumeError, match="run.resume=never"):
+        plan(OmegaConf.merge(cfg, {"run": {"resume": "never"}}), tmp_path, Single(torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------- signals

@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from zoexp.paths import conf_dir, tasks_dir
+from zoexp.validate import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 
 log = logging.getLogger("zoexp")
 
@@ -20,16 +21,45 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zoexp.loggers import LoggerError
     from zoexp.models import ModelLoadError
     from zoexp.resume import ResumeError
-    from zoexp.runner import SettingsError
     from zoexp.tasks import DataError
+    from zoexp.validate import ConfigError, UserError
 
-    return (ModelLoadError, DataError, ResumeError, SettingsError, LoggerError)
+    return (ModelLoadError, DataError, ResumeError, ConfigError, UserError, LoggerError)
+
+
+# exit code of each job of a multirun run in this process (zoexp.validate: EXIT_*); main() exits with the worst
+_OUTCOMES: list[int] = []
+_SEVERITY = {EXIT_OK: 0, EXIT_DIVERGED: 1, EXIT_USER_ERROR: 2, EXIT_FAILED: 3}
 
 
 def register_resolvers() -> None:
-    """``${zoexp.either:A,B}``: A unless it is null, else B (the run directory: run.name or a timestamp)."""
+    """``${zoexp.either:A,B}``: A unless it is null, else B. ``${zoexp.run_dir:ROOT,NAME,STAMP}``: ROOT/NAME
+    when run.name is set, else ROOT/STAMP (zoexp.validate.run_dir; created exclusively before Hydra uses it,
+    by zoexp.validate.PreRunChecks)."""
+    from zoexp.validate import run_dir
+
     if not OmegaConf.has_resolver("zoexp.either"):
         OmegaConf.register_new_resolver("zoexp.either", lambda a, b: b if a is None else a)
+    if not OmegaConf.has_resolver("zoexp.run_dir"):
+        OmegaConf.register_new_resolver("zoexp.run_dir", run_dir)
+    if not OmegaConf.has_resolver("zoexp.help_groups"):
+        OmegaConf.register_new_resolver("zoexp.help_groups", help_groups)
+
+
+def help_groups() -> str:
+    """The config groups of ``zoexp --help``: the four a run chooses from, then the optional ones."""
+
+    def options(folder) -> str:
+        return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+    conf = conf_dir()
+    lines = ["Choose one of each (GROUP=OPTION):", ""]
+    for group in ("model", "task", "method", "run"):
+        lines.append(f"{group}: {options(tasks_dir() if group == 'task' else conf / group)}")
+    lines += ["", "Optional, with -m (a sweep):", "",
+              f"experiment: {options(conf / 'experiment')}   (a paper table: -m experiment=NAME profile=cpu)",
+              f"hydra/launcher: {options(conf / 'hydra' / 'launcher')}   (where the sweep's jobs run)"]
+    return "\n".join(lines)
 
 
 def register_tasks() -> None:
@@ -101,22 +131,30 @@ def _main(cfg: DictConfig):
     logging.getLogger("zoexp").setLevel(logging.INFO)
     try:
         row = run(cfg, run_dir=hydra_cfg.runtime.output_dir)
-    except _user_errors() as exc:
+    except _user_errors() as exc:  # the run never started: no row, one line, exit code 2
         print(f"zoexp: error: {exc}", file=sys.stderr)
         if multirun:
+            _OUTCOMES.append(EXIT_USER_ERROR)
             return None
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     except Preempted as exc:  # checkpoint and `preempted` row written; stop (a sweep too: the machine is going)
         print(f"zoexp: preempted: {exc}", file=sys.stderr)
         sys.exit(128 + int(exc.signum or 15))
     except Exception:
         if multirun:  # the row says `failed`; the rest of the sweep goes on
             log.exception("run failed (row written with status=failed); continuing the sweep")
+            _OUTCOMES.append(EXIT_FAILED)
             return None
-        raise
+        raise  # Hydra prints the traceback and exits with code 1 (EXIT_FAILED)
     row["results_file"] = cfg.run.results_file
     if not row.get("dist/rank"):  # rank 0 (or a single process) prints
         print_summary(row)
+    code = EXIT_DIVERGED if row.get("status") == "diverged" else EXIT_OK
+    if multirun:
+        _OUTCOMES.append(code)
+    elif code != EXIT_OK:
+        print(f"zoexp: run diverged: {row.get('message')} (exit code {code})", file=sys.stderr)
+        sys.exit(code)
     return row.get(f"test/{cfg.task.get('metric', 'acc')}")
 
 
@@ -132,8 +170,21 @@ def _quiet_other_ranks() -> None:
 
 
 def main() -> None:
+    from zoexp.distributed import shutdown
+
     _quiet_other_ranks()
-    _main()
+    try:
+        _main()
+    except BaseException:  # a data-parallel multirun's process group, before the interpreter shuts down
+        shutdown(barrier=False)
+        raise
+    shutdown(barrier=True)  # (a no-op after a single run, whose group ended with it)
+    # a multirun ran every job (a failed one does not stop the sweep); its exit code is the worst job's
+    worst = max(_OUTCOMES, key=_SEVERITY.__getitem__, default=EXIT_OK)
+    if worst != EXIT_OK:
+        print(f"zoexp: {sum(c != EXIT_OK for c in _OUTCOMES)} of {len(_OUTCOMES)} runs did not finish ok "
+              f"(exit code {worst}; see their rows and messages above)", file=sys.stderr)
+        sys.exit(worst)
 
 
 if __name__ == "__main__":

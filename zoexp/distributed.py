@@ -22,8 +22,11 @@ exact match -- are means over examples, combined exactly by weighting with each 
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
 import logging
 import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -96,7 +99,7 @@ class Single:
     def row_fields(self, steps_run: int) -> dict:
         return {}
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         return None
 
 
@@ -129,6 +132,7 @@ class DataParallel(Single):
         self.comm_s = 0.0
         self._votes = 0
         self._hooks: list = []
+        self.owns_group = False  # set by setup() when it created the process group
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -230,10 +234,13 @@ class DataParallel(Single):
         main_dir = Path(self.broadcast(str(Path(run_dir).resolve()) if self.is_main else None))
         own = Path(run_dir).resolve()
         if not self.is_main and own != main_dir and own != Path.cwd().resolve():
-            try:
-                own.rmdir()
-            except OSError:
-                pass
+            for empty in (own, own.parent):  # its job directory, and the sweep directory it claimed
+                try:
+                    if empty == own.parent and [p.name for p in empty.iterdir()] == ["multirun.yaml"]:
+                        (empty / "multirun.yaml").unlink()
+                    empty.rmdir()
+                except OSError:
+                    break
         return main_dir
 
     def best_file(self) -> str:
@@ -288,10 +295,14 @@ class DataParallel(Single):
             "time/allreduce_s": self.comm_s,
         }
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        # the end of the run: the group it created ends with it (a multirun's jobs share one; zoexp.cli.main
+        # ends it when the command ends)
+        if self.owns_group and not _in_multirun():
+            shutdown(barrier)
 
 
 def _submitit_world() -> int:
@@ -333,15 +344,55 @@ def setup(cfg, device: torch.device) -> Single:
     backend = str(cfg.run.get("dist_backend") or "auto")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():  # once per process: a multirun under torchrun reuses the group
+    if not dist.is_initialized():
+        # Imported before the group exists: its functions bind `group=group.WORLD` as default arguments
+        # when the module is first imported (transformers' from_config imports it lazily); bound to a
+        # live group they keep it alive past destroy_process_group, and a gloo worker thread then
+        # aborts the process at interpreter exit (SIGABRT, "terminate called without an active
+        # exception"), so torchrun reports a successful run as failed.
+        importlib.import_module("torch.distributed.nn.functional")
+
         timeout = timedelta(minutes=float(cfg.run.get("dist_timeout_min") or 30))
         dist.init_process_group(backend=backend, timeout=timeout)
-        atexit.register(_destroy)
+        atexit.register(shutdown)
+        created = True
     elif dist.get_backend() != backend:
         raise ValueError(f"the process group uses {dist.get_backend()}, this run needs {backend}")
-    return DataParallel(device, backend)
+    else:
+        created = False
+    group = DataParallel(device, backend)
+    group.owns_group = created
+    return group
 
 
-def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def _in_multirun() -> bool:
+    """Whether this process runs a Hydra multirun: its jobs reuse one process group (torchrun's store cannot
+    host a second group of the same ranks), destroyed when the process ends."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def shutdown(barrier: bool = False) -> None:
+    """Destroy the default process group, if any (the end of a data-parallel run; also at exit).
+
+    ``barrier``: after a run that ended normally on every rank, wait for all of them first, so no rank
+    tears down its gloo pairs while another still sends (never after a failure: the others may not come).
+    Python threads left behind are reported (there should be none).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        try:
+            dist.barrier()
+        except Exception as exc:  # a peer died: tear down anyway
+            log.warning("barrier before destroying the process group failed: %s", exc)
+    dist.destroy_process_group()
+    gc.collect()  # drop the last references to the group's C++ objects now, not at interpreter shutdown
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if left:
+        log.warning("threads still running after the process group was destroyed: %s", ", ".join(left))

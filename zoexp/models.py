@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -182,7 +183,14 @@ def load_tokenizer(cfg: Any):
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     key = json.dumps({k: v for k, v in plain.items() if k != "name"}, sort_keys=True, default=str)
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = _load_tokenizer(cfg)
+        try:
+            _TOKENIZERS[key] = _load_tokenizer(cfg)
+        except (OSError, ValueError) as exc:  # offline hub, no such repository or folder
+            raise ModelLoadError(
+                f"could not load the tokenizer of {cfg.get('path') or cfg.get('name')!r}: "
+                f"{(str(exc).splitlines() or [type(exc).__name__])[0].rstrip('.')}. Without internet, use "
+                "model=smollm2-135m (offline) or model=tiny-opt / tiny-llama, or model.source=local "
+                "model.path=<folder>") from exc
     return _TOKENIZERS[key]
 
 
@@ -196,9 +204,33 @@ def _load_tokenizer(cfg: Any):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     else:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(cfg.path), revision=cfg.get("revision"), trust_remote_code=trust
+            str(cfg.path), revision=cfg.get("revision"), trust_remote_code=trust, **_offline(cfg)
         )
     return _fix_special_tokens(tokenizer, cfg)
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all (2 s): without a network, loading from its cache only
+    fails at once instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline(cfg: Any) -> dict:
+    """``local_files_only=True`` for a hub model when the hub cannot be reached (its cache still works)."""
+    if cfg.get("source", "hub") != "hub" or Path(str(cfg.path)).is_dir() or os.environ.get("HF_HUB_OFFLINE"):
+        return {}
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return {}  # through a proxy a direct connection says nothing; let huggingface_hub try
+    return {} if _hub_reachable() else {"local_files_only": True}
 
 
 def _fix_special_tokens(tokenizer, cfg: Any):
@@ -272,6 +304,7 @@ def load_model(cfg: Any, dtype: str | torch.dtype = "fp32", device: str | torch.
                 attn_implementation=attn,
                 use_safetensors=cfg.get("use_safetensors"),
                 **placement,
+                **_offline(cfg),
             )
         except OSError as exc:
             raise ModelLoadError(

@@ -675,8 +675,13 @@ def report(name: str, profile: str = "cpu", results_dir: str | Path = "results",
            out_dir: str | Path | None = None, figures: bool = True,
            newest_code: bool = False) -> tuple[Table, list[Path]]:
     path = Path(rows) if rows else rows_path(name, profile, results_dir)
-    table_rows = check_code_versions(load_rows(name, profile, path), name, newest=newest_code)
-    table = build(name, profile, table_rows, rows_file=str(path))
+    found = load_rows(name, profile, path)
+    if not found:  # an all-"—" table would look like a result
+        raise ReportError(f"no rows of {name} (profile {profile}) in {path}"
+                          + ("" if path.exists() else " (no such file)")
+                          + f"; run the sweep first (zoexp -m experiment={name} profile={profile}) or point "
+                          "--results-dir / --rows at its rows")
+    table = build(name, profile, check_code_versions(found, name, newest=newest_code), rows_file=str(path))
     written = write(table, out_dir or results_dir)
     if figures and table.layout.get("figures"):
         try:

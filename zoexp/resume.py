@@ -42,7 +42,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from zoexp.checkpoint import file_crc32, load_into, load_tensors, load_tree, save_tensors, save_tree
+from zoexp.checkpoint import (
+    file_crc32,
+    load_into,
+    load_tensors,
+    load_tree,
+    read_header,
+    save_tensors,
+    save_tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +240,27 @@ def verify(path: Path) -> dict:
             raise ResumeError(f"{path}: {name} has {size} bytes, the manifest says {info['bytes']}")
         if file_crc32(file) != info["crc32"]:
             raise ResumeError(f"{path}: {name} is corrupt (CRC-32 mismatch)")
+        if name.endswith(".safetensors"):
+            _check_layout(path, name, file, size)
     return manifest
+
+
+def _check_layout(path: Path, name: str, file: Path, size: int) -> None:
+    """A safetensors file's header must parse and every tensor must lie inside the file: a header forged
+    to match re-forged CRCs is a corrupt checkpoint (skipped for the previous one), not a crash."""
+    try:
+        header, start = read_header(file)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            a, b = (int(x) for x in info["data_offsets"])
+            if not 0 <= a <= b or start + b > size:
+                raise ValueError(f"{key} lies outside the file")
+        if name in ("optimizer.safetensors", "trainer.safetensors") and \
+                "zoexp.tree" not in (header.get("__metadata__") or {}):
+            raise ValueError("no zoexp.tree metadata")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ResumeError(f"{path}: {name} is corrupt ({exc})") from None
 
 
 def latest_valid(run_dir: Path) -> tuple[Path | None, list[str]]:
@@ -374,6 +402,7 @@ def plan(cfg: DictConfig, run_dir: Path, dist) -> Plan:
     decision = None
     if dist.is_main:
         try:
+            lock_run_dir(Path(run_dir))
             decision = ("ok", _plan(cfg, Path(run_dir)))
         except ResumeError as exc:
             decision = ("error", str(exc))
@@ -395,13 +424,20 @@ def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
         else:
             raise ResumeError(f"run.resume={mode}: no such run or checkpoint directory")
     result = run_dir / RESULT
-    if mode != "never" and explicit is None and result.is_file():
-        row = json.loads(result.read_text())
+    if explicit is None and result.is_file():
+        try:
+            row = json.loads(result.read_text())
+        except ValueError:
+            row = {}
         same = row.get("config_fingerprint") == fingerprint(run_identity(cfg))
-        if row.get("status") in ("ok", "diverged") and same:
+        if not same:  # never overwrite another run's result and config
+            raise ResumeError(f"{run_dir} holds the result of another configuration{_differences(run_dir, cfg)}; "
+                              "choose another run.name (or remove that directory)")
+        if row.get("status") in ("ok", "diverged"):
+            if mode == "never":
+                raise ResumeError(f"{run_dir} holds a finished run of this configuration and run.resume=never "
+                                  "would overwrite it; choose another run.name, or run.resume=auto to get its row")
             return Plan(run_dir, finished=row)
-        if not same:
-            log.warning("%s holds the result of another configuration; running this one afresh there", run_dir)
     if explicit is not None:
         verify(explicit)
         latest, skipped = explicit, []
@@ -424,6 +460,67 @@ def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
         raise ResumeError(f"checkpoint {latest} was made by a different configuration ({shown}); "
                           "resume with the same settings, or start a new run (another run.name)")
     return Plan(run_dir, checkpoint=latest, skipped=tuple(skipped))
+
+
+def _differences(run_dir: Path, cfg: DictConfig) -> str:
+    """`` (a: x -> y, ...)``: the keys where the config saved in ``run_dir/.hydra`` differs from ``cfg``."""
+    saved_path = Path(run_dir) / ".hydra" / "config.yaml"
+    try:
+        saved = run_identity(OmegaConf.load(saved_path))
+    except Exception:  # no saved config, or one that no longer resolves
+        return ""
+    identity = run_identity(cfg)
+    diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if not diff:
+        return ""
+    return " (" + ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in diff[:8]) + \
+        (", ..." if len(diff) > 8 else "") + ")"
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Raise ``ResumeError`` if ``run_dir`` holds a run this config may not continue or overwrite (the
+    checks of ``plan``, done before Hydra writes into the directory; see zoexp.validate.PreRunChecks)."""
+    run_dir = Path(run_dir)
+    if (run_dir / ".hydra" / "config.yaml").is_file() and resume_mode(cfg) in ("auto", "never"):
+        diff = _differences(run_dir, cfg)
+        if diff:  # e.g. a run that failed before writing result.json: its config is still its own
+            raise ResumeError(f"{run_dir} holds a run of another configuration{diff}; "
+                              "choose another run.name (or remove that directory)")
+    if run_dir.is_dir() or resume_mode(cfg) not in ("auto", "never"):
+        _plan(cfg, run_dir)
+
+
+_LOCKS: dict[str, int] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on ``run_dir`` for this process's run: two launches with the same run.name at
+    the same time would write the same files. Raises ``ResumeError`` if another process holds it."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ResumeError(f"{run_dir} is in use by another zoexp run (pid {holder}); wait for it to finish, "
+                          "or choose another run.name") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if fd is not None:
+        (Path(run_dir) / ".lock").unlink(missing_ok=True)
+        os.close(fd)
 
 
 def write_result(run_dir: Path, row: dict) -> None:

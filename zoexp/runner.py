@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from zoexp import distributed, resume
+from zoexp import distributed, resume, validate
 from zoexp.checkpoint import file_crc32, load_into, save_tensors
 from zoexp.evaluation import evaluate
 from zoexp.icl import with_demonstrations
@@ -162,7 +162,7 @@ def training_loss(cfg: DictConfig, task: Task) -> str:
     return loss
 
 
-class SettingsError(ValueError):
+class SettingsError(validate.ConfigError):
     """Run settings that do not work together (the command line prints the message as one line)."""
 
 
@@ -328,24 +328,35 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     preemption signal saves a checkpoint, writes a ``preempted`` row and raises ``Preempted``."""
     given = run_dir or cfg.run.get("dir")
     run_dir = Path(given or ".")
+    validate.check_config(cfg)  # bad values, an unwritable results file: one line before any work
+    validate.check_results_file(cfg.run.get("results_file"))
     # [scale-out] data parallel when launched by torchrun (zoexp.distributed); continue a checkpoint of
     # the run directory if there is one, or return the row of a run that already finished there
     # (zoexp.resume) -- only for a directory given explicitly (the CLI's, or run.dir), never the cwd
     dist = distributed.setup(cfg, resolve_device(cfg.run.device))
+    finished = False
     try:
         run_dir = dist.shared_run_dir(run_dir)
         plan = resume.plan(cfg, run_dir, dist) if given else resume.Plan(run_dir)
         if plan.finished is not None:
             log.info("%s already finished (status %s); nothing to do", plan.run_dir, plan.finished["status"])
-            return plan.finished
-        return _run_and_record(cfg, plan, dist, keep_result=bool(given))
+            row = plan.finished
+        else:
+            row = _run_and_record(cfg, plan, dist, keep_result=bool(given))
+        finished = True
+        return row
     finally:
-        dist.close()
+        resume.unlock_run_dir(run_dir)
+        dist.close(barrier=finished)  # [scale-out] the process group ends with the run (no barrier after a failure)
 
 
 def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist, keep_result: bool = True) -> dict:
     run_dir = plan.run_dir
     row = base_row(cfg, run_dir)
+    row["status"] = "starting"  # until set up: a bad value, missing data or model is a user error, no row
+    if plan.skipped:  # [scale-out] corrupt checkpoints passed over; none left: the run started over
+        row.update({"resume/skipped_checkpoints": list(plan.skipped),
+                    "resume/started_over": plan.checkpoint is None})
     row["config_fingerprint"] = resume.fingerprint(resume.run_identity(cfg))  # [scale-out] what resume compares
     device = dist.device
     meter = Meter(device)
@@ -373,18 +384,21 @@ def _run_and_record(cfg: DictConfig, plan: resume.Plan, dist, keep_result: bool 
         _finish(cfg, row, meter, t_start, dist, collective=False)
         raise
     except Exception as exc:
+        if row.get("status") == "starting" and isinstance(exc, validate.setup_errors()):
+            # a bad value, missing data or model: the run never started, so no row (exit code 2)
+            raise validate.UserError(str(exc)) from exc
         row.update(status="failed", message=f"{type(exc).__name__}: {exc}")
         _finish(cfg, row, meter, t_start, dist, collective=False)
         raise
-    _finish(cfg, row, meter, t_start, dist)
-    if dist.is_main and keep_result:  # [scale-out] a finished run: its row beside it, checkpoints no longer needed
-        resume.write_result(run_dir, row)
-        if not cfg.run.get("keep_checkpoints", False):
-            shutil.rmtree(run_dir / resume.CHECKPOINTS, ignore_errors=True)
+    # a finished run: its row beside it first (kept even if the results file fails), then appended
+    _finish(cfg, row, meter, t_start, dist, result_dir=run_dir if dist.is_main and keep_result else None)
+    if dist.is_main and keep_result and not cfg.run.get("keep_checkpoints", False):
+        shutil.rmtree(run_dir / resume.CHECKPOINTS, ignore_errors=True)  # [scale-out] no longer needed
     return row
 
 
-def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist=None, collective: bool = True) -> None:
+def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist=None, collective: bool = True,
+            result_dir: Path | None = None) -> None:
     row.update(meter.values)
     row["time/total_s"] = time.perf_counter() - t_start
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -393,9 +407,16 @@ def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist=None,
         dist.reduce_measurements(row)
     if dist.enabled:
         row["dist/rank"] = dist.rank
+    if result_dir is not None:
+        resume.write_result(result_dir, row)
     # one row per run, from rank 0; a rank that fails on its own also says why
     if cfg.run.get("results_file") and (dist.is_main or row["status"] == "failed"):
-        append_row(cfg.run.results_file, row)
+        try:
+            append_row(cfg.run.results_file, row)
+        except OSError as exc:
+            kept = f"; the row is kept in {result_dir / resume.RESULT}" if result_dir is not None else ""
+            log.error("could not append the row to %s (%s)%s", cfg.run.results_file, exc, kept)
+            raise
 
 
 def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row: dict,
@@ -435,6 +456,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     encoder = Encoder(tokenizer, max_length=max_length)
     pad_id = tokenizer.pad_token_id
     optimizer = build_method(cfg.method, model, seed=seed)
+    validate.check_active_blocks(cfg.method, optimizer)  # never silently fewer blocks than the row says
     if offload:
         from zoexp.offload import enable_offload
 
@@ -548,6 +570,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
                 state["evaluated_at"] = at
             return at, state["window"], state["t_train"], state["max_state"], state["evaluated_at"]
 
+        row["status"] = "running"  # set up: from here on a failure is a `failed` run with its row
         with bar, guard.armed(), metrics.closed_on_error():
             if plan.checkpoint is not None:  # [scale-out] continue where the checkpoint left off
                 step, window, t_train, max_state, evaluated_at = restore(plan.checkpoint)
@@ -625,6 +648,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
         row.update({"steps": 0, "trainable_params": 0, "forward_passes_per_step": 0, "optimizer_state_bytes": 0,
                     "optimizer_grad_bytes_max": 0})
 
+    row["status"] = "running"
     encoder.reset_truncated()  # count the test set's truncated prompts only
     with bar, guard.armed(), metrics.closed_on_error():  # [scale-out] a signal now lets the test evaluation finish
         result = run_eval(data.test, "test")

@@ -80,6 +80,7 @@ class Task:
 
     def __init__(self, spec: dict):
         self.spec = dict(spec)
+        self._where: dict[str, list[str]] = {}  # split -> "file:line" of each loaded row (error messages)
         self.name: str = spec["name"]
         # what load_split read (zoexp.provenance): {path relative to data_dir: sha256}, and hub loads
         self.files_read: dict[str, str] = {}
@@ -163,6 +164,9 @@ class Task:
                 raise DataError(f"task {self.name}: example {ex_id!r}: no gold {wanted!r} among the candidates")
         else:
             golds = [int(v) for v in _as_list(self._label(**row))]
+            if not golds:
+                raise DataError(f"task {self.name}: example {ex_id!r} has no label "
+                                f"(`{self.spec['label']}` is missing or null)")
         for label in golds:
             if not 0 <= label < len(candidates):
                 raise DataError(f"task {self.name}: label {label} out of range for {len(candidates)} candidates")
@@ -213,7 +217,8 @@ class Task:
                     from zoexp.provenance import sha256_file
 
                     self.files_read[os.path.relpath(path, data_dir)] = sha256_file(path)
-                    return read_rows(path)
+                    rows, self._where[split] = read_rows_located(path)
+                    return rows
             raise DataError(
                 f"task {self.name}: no {split} file in {folder} (tried {', '.join(split + e for e in _EXTENSIONS)}). "
                 "Point data_dir (or ZOEXP_DATA_DIR) at a folder with <task>/<split>.jsonl files, "
@@ -238,6 +243,7 @@ class Task:
                 f"task {self.name}: could not load {hub} split {split!r} from the Hugging Face hub ({exc}). "
                 "Without internet, point data_dir (or ZOEXP_DATA_DIR) at local copies, e.g. ../shared/data."
             ) from exc
+        self._where[split] = [f"hub {hub} split {split!r} row {i}" for i in range(len(rows))]
         rename = source.get("rename") or {}
         for row in rows:
             for old, new in rename.items():
@@ -248,13 +254,37 @@ class Task:
     def rows(self, split: str, data_dir, notes: list[str]) -> list[dict]:
         """The raw rows of ``split`` after the spec's ``filter`` (what was dropped is added to ``notes``)."""
         rows = self.load_split(split, data_dir)
+        where = self._where.get(split) or [f"{split} row {i}" for i in range(len(rows))]
         if self._filter is not None:
-            kept = [r for r in rows if self._filter(**r)]
-            if len(kept) < len(rows):
-                notes.append(f"{split}: dropped {len(rows) - len(kept)} of {len(rows)} rows by filter "
+            keep = [self._located(where[i], self._filter, r) for i, r in enumerate(rows)]
+            if not all(keep):
+                notes.append(f"{split}: dropped {len(keep) - sum(map(bool, keep))} of {len(rows)} rows by filter "
                              f"`{self.spec['filter']}`")
-            rows = kept
+            rows = [r for r, k in zip(rows, keep) if k]
+            where = [w for w, k in zip(where, keep) if k]
+        self._where[split] = where
+        if not rows:
+            raise DataError(f"task {self.name}: {self.source_of(split, data_dir)} has no usable rows; "
+                            "check that the file holds the task's data (or point data_dir at another copy)")
         return rows
+
+    def source_of(self, split: str, data_dir) -> str:
+        """Where split ``split`` is read from: the file, or the hub dataset."""
+        if data_dir:
+            folder = self._folder(data_dir)
+            found = [folder / f"{split}{e}" for e in _EXTENSIONS if (folder / f"{split}{e}").is_file()]
+            return str(found[0]) if found else str(folder / f"{split}.jsonl")
+        return f"hub {self.spec.get('source', {}).get('hub')} split {split!r}"
+
+    def _located(self, where: str, fn, row, *args):
+        """``fn(**row)`` (or ``fn(row, *args)``); an error names the file and line of the row."""
+        try:
+            return fn(row, *args) if args else fn(**row)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        except Exception as exc:  # a missing field, a value of the wrong kind
+            raise DataError(f"{where}: task {self.name} cannot use this row ({type(exc).__name__}: {exc}); "
+                            f"each row needs the fields the spec tasks/{self.name}.yaml reads") from None
 
     def sample(self, seed: int, data_dir=None, num_train: int | None = None, num_dev: int | None = None,
                num_test: int | None = None) -> TaskData:
@@ -286,6 +316,9 @@ class Task:
             n_dev = min(num_dev, len(pool))
             train_idx, dev_idx = pool[:len(pool) - n_dev], pool[len(pool) - n_dev:]
             test_idx = np.random.RandomState(seed).permutation(len(test_rows)).tolist()[:num_test]
+            if num_test > len(test_rows):
+                notes.append(f"{test_split} has {len(test_rows)} rows < num_test={num_test}: test uses all "
+                             f"{len(test_rows)}")
             train = [train_rows[i] for i in train_idx]
             dev = [train_rows[i] for i in dev_idx]
             test = [test_rows[i] for i in test_idx]
@@ -297,6 +330,8 @@ class Task:
             rows = self.rows(only, data_dir, notes)
             order = np.random.RandomState(seed).permutation(len(rows)).tolist()
             n_test = min(num_test, max(len(rows) - num_train - num_dev, len(rows) // 2))
+            if n_test < num_test:
+                notes.append(f"{only} has {len(rows)} rows: test gets {n_test} < num_test={num_test}")
             test_idx = order[:n_test]
             pool = order[n_test:n_test + num_train + num_dev]
             n_dev = min(num_dev, len(pool))
@@ -313,27 +348,72 @@ class Task:
             splits = {"train": only, "dev": only, "test": only, "disjoint_from_one_split": True}
         for note in notes:
             log.warning("task %s: %s", self.name, note)
+        def render(split: str, rows: list[dict], idx: list[int]) -> list[Example]:
+            where = self._where.get(splits[split], [])
+            return [self._located(where[i] if i < len(where) else f"{splits[split]} row {i}", self.render, r, i)
+                    for r, i in zip(rows, idx)]
+
         return TaskData(
-            train=[self.render(r, i) for r, i in zip(train, train_idx)],
-            dev=[self.render(r, i) for r, i in zip(dev, dev_idx)],
-            test=[self.render(r, i) for r, i in zip(test, test_idx)],
+            train=render("train", train, train_idx),
+            dev=render("dev", dev, dev_idx),
+            test=render("test", test, test_idx),
             notes=notes,
             splits=splits,
         )
 
 
 def read_rows(path: Path) -> list[dict]:
+    return read_rows_located(path)[0]
+
+
+def read_rows_located(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a data file and where each one is (``file:line``); a line that is not a JSON object,
+    or bytes that are not UTF-8, raise ``DataError`` naming the file and the line."""
+    path = Path(path)
     name = path.name
-    if name.endswith(".jsonl.gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    if name.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    if name.endswith(".json"):
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-        return data["data"] if isinstance(data, dict) and "data" in data else list(data)
+    try:
+        if name.endswith((".jsonl.gz", ".jsonl")):
+            return _read_jsonl(path)
+        if name.endswith(".json"):
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            rows = data["data"] if isinstance(data, dict) and "data" in data else list(data)
+            return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: byte {exc.start} is not UTF-8 ({exc.reason}); save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
+    rows = _read_table(path)
+    return rows, [f"{path} row {i + 1}" for i in range(len(rows))]
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    rows, where = [], []
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: byte {exc.start} of the line is not UTF-8 ({exc.reason}); "
+                                "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                what = "truncated" if not line.endswith("\n") else "not valid JSON"  # the file's cut-off end
+                raise DataError(f"{path}:{number}: {what} ({exc.msg}, column {exc.colno}); fix or remove "
+                                "that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
+            rows.append(row)
+            where.append(f"{path}:{number}")
+    return rows, where
+
+
+def _read_table(path: Path) -> list[dict]:
+    name = path.name
     import pandas as pd
 
     if name.endswith(".parquet"):
