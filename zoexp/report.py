@@ -681,7 +681,8 @@ def report(name: str, profile: str = "cpu", results_dir: str | Path = "results",
                           + ("" if path.exists() else " (no such file)")
                           + f"; run the sweep first (zoexp -m experiment={name} profile={profile}) or point "
                           "--results-dir / --rows at its rows")
-    table = build(name, profile, check_code_versions(found, name, newest=newest_code), rows_file=str(path))
+    table_rows = check_code_versions(found, name, newest=newest_code)
+    table = build(name, profile, table_rows, rows_file=str(path))
     written = write(table, out_dir or results_dir)
     if figures and table.layout.get("figures"):
         try:
