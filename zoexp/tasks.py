@@ -271,7 +271,7 @@ class Task:
     def source_of(self, split: str, data_dir) -> str:
         """Where split ``split`` is read from: the file, or the hub dataset."""
         if data_dir:
-            folder = self._folder(data_dir)
+            folder = self.folder(data_dir)
             found = [folder / f"{split}{e}" for e in _EXTENSIONS if (folder / f"{split}{e}").is_file()]
             return str(found[0]) if found else str(folder / f"{split}.jsonl")
         return f"hub {self.spec.get('source', {}).get('hub')} split {split!r}"
