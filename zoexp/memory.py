@@ -192,7 +192,9 @@ class Tracker(TorchDispatchMode):
         def post(module, args, out):
             self._module_depth -= 1
 
-        self._hooks = [mod.register_module_forward_pre_hook(pre), mod.register_module_forward_hook(post)]
+        # always_call: a forward cut short by an exception (the offload prologue capture) still counts out
+        self._hooks = [mod.register_module_forward_pre_hook(pre),
+                       mod.register_module_forward_hook(post, always_call=True)]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -242,14 +244,14 @@ def _tensors(out):
 def optimizer_tensors(optimizer, _seen=None) -> list[torch.Tensor]:
     """Tensors an optimizer holds between steps: its state, and the state and tensor attributes of
     the objects it owns (a hybrid's first-order optimizer, Hessian estimates, low-rank factors)."""
-    seen = _seen if _seen is not None else set()
+    seen = _seen if _seen is not None else {}  # id -> object: the objects stay alive, so ids stay unique
     out: list[torch.Tensor] = []
     params = {id(p) for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
 
     def walk(o, depth=0):
         if id(o) in seen or depth > 8:
             return
-        seen.add(id(o))
+        seen[id(o)] = o
         if isinstance(o, torch.Tensor):
             if id(o) not in params and not isinstance(o, torch.nn.Parameter):
                 out.append(o)
@@ -271,15 +273,16 @@ def optimizer_tensors(optimizer, _seen=None) -> list[torch.Tensor]:
 
 
 class SyntheticEncoder:
-    """Stands in for ``zoexp.scoring.Encoder``: every example is ``length`` tokens, the last
-    ``answer_tokens`` of which are the target (no tokenizer)."""
+    """Stands in for ``zoexp.scoring.Encoder``: every example is ``length`` tokens (``SHORT``: one
+    fewer), the last ``answer_tokens`` of which are the target (no tokenizer)."""
 
     def __init__(self, length: int, answer_tokens: int = 1, token: int = 5):
         self.max_length, self.answer_tokens, self.token = int(length), int(answer_tokens), int(token)
         self.truncated = 0
 
     def encode(self, prompt, continuation, passage=None, reserve=0):
-        return [self.token] * self.max_length, self.answer_tokens
+        n = self.max_length - (1 if prompt == SHORT else 0)
+        return [self.token] * n, self.answer_tokens
 
     def continuation_request(self, prompt, continuation, passage=None):
         from zoexp.scoring import Request
@@ -292,15 +295,22 @@ class SyntheticEncoder:
 def synthetic_batch(n: int):
     from zoexp.tasks import Example
 
-    return [Example(id=i, prompt="x", candidates=[" a", " b"], label=0) for i in range(n)]
+    # the last example is one token shorter: a real batch is padded, so the attention mask exists
+    # (with fake tensors every data-dependent "is there padding?" check answers yes)
+    return [Example(id=i, prompt=SHORT if i == n - 1 and n > 1 else "x", candidates=[" a", " b"], label=0)
+            for i in range(n)]
+
+
+SHORT = "<short>"
 
 
 # --------------------------------------------------------------------------- predict
 
 
 @contextlib.contextmanager
-def _prediction_env(offload_device: torch.device | None):
-    """Torch noise path; offloading without CUDA streams or pinned memory (no driver needed)."""
+def _prediction_env(fake: bool):
+    """Torch noise path; offloading without CUDA streams or pinned memory (no driver needed); fresh
+    per-thread scratch caches; block-selection control logic on real tensors (``_real_control``)."""
     import zoexp.offload as offload
 
     old_env = os.environ.get("ZOEXP_NOISE")
@@ -312,14 +322,125 @@ def _prediction_env(offload_device: torch.device | None):
             super().__init__(model, device, ring=ring, keep=keep, pin=False)
 
     offload.BlockOffloader = _Offloader
+    caches = _thread_caches()
+    saved = [(local, dict(vars(local))) for local in caches]
+    for local in caches:  # module-level per-thread scratch buffers (HiZOO): allocated inside this step
+        vars(local).clear()
+    patched = _real_control() if fake else []
+    from zoexp.methods import noise
+
+    slices, visit = noise.chunk_slices, noise.NoiseSource.visit
+    if fake:
+        noise.chunk_slices = _sampled_slices(slices)
+        noise.NoiseSource.visit = _sampled_visit(visit)
+    swap = torch.utils.swap_tensors
+    if fake:
+        torch.utils.swap_tensors = _swap_or_set_data
     try:
         yield
     finally:
+        torch.utils.swap_tensors = swap
+        noise.chunk_slices = slices
+        noise.NoiseSource.visit = visit
+        for cls, name, fn in patched:
+            setattr(cls, name, fn)
+        for local, state in saved:
+            vars(local).clear()
+            vars(local).update(state)
         offload.BlockOffloader = old_cls
         if old_env is None:
             os.environ.pop("ZOEXP_NOISE", None)
         else:
             os.environ["ZOEXP_NOISE"] = old_env
+
+
+def _sampled_slices(chunk_slices):
+    """The first and the last chunk of a tensor instead of all of them (fake tensors only).
+
+    z is regenerated chunk by chunk; every chunk allocates and frees the same transient tensors (its
+    z in a reused scratch buffer, HiZOO's per-chunk factors), so the peak is reached by the first full
+    chunk and the last (partial) one. OPT-175B has 167k chunks per pass: visiting two per parameter
+    keeps the prediction at seconds. Tests check the sampled prediction against the full real step.
+    """
+    def sampled(numel: int, *args, **kwargs):
+        out = chunk_slices(numel, *args, **kwargs)
+        return out if len(out) <= 2 else [out[0], out[-1]]
+
+    return sampled
+
+
+def _sampled_visit(visit):
+    """One parameter per (chunk lengths, dtype, device) in a ``NoiseSource.visit`` call (fake tensors
+    only): z is applied in place, so parameters of the same shape repeat the same transient
+    allocations, and 96 identical layers need not be walked to find the peak of one."""
+    def sampled(self, items, seed, fn):
+        from zoexp.methods import noise
+
+        kept, seen = [], set()
+        for key, p in items:
+            sig = (tuple(b - a for a, b in noise.chunk_slices(p.numel(), self.chunk)), p.dtype, p.device)
+            if sig not in seen:
+                seen.add(sig)
+                kept.append((key, p))
+        return visit(self, kept, seed, fn)
+
+    return sampled
+
+
+_SWAP = torch.utils.swap_tensors
+
+
+def _swap_or_set_data(t1, t2):
+    """``Module.to`` swaps fake parameters (``torch.utils.swap_tensors``), which refuses a tensor that
+    something holds a weak reference to (a fake parameter often is); then move the data instead."""
+    try:
+        _SWAP(t1, t2)
+    except RuntimeError as exc:
+        if "weakref" not in str(exc):
+            raise
+        t1.data = t2.detach()
+
+
+def _thread_caches() -> list:
+    """``threading.local`` objects at module level in zoexp.methods (scratch buffers reused across steps)."""
+    import sys
+    import threading
+
+    out = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("zoexp.methods") and module is not None:
+            out.extend(v for v in vars(module).values() if isinstance(v, threading.local))
+    return out
+
+
+def _real_control() -> list:
+    """Run FOCUS's block selection (``zoexp.methods.selection``: a few probabilities, a random draw)
+    on real tensors while the step runs on fake ones: which blocks are active decides the memory, and a
+    fake tensor has no value to decide with. Returns what was patched, to undo."""
+    import inspect
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        from zoexp.methods import selection
+    except ImportError:
+        return []
+
+    def real(fn):
+        def wrapper(*args, **kwargs):
+            with unset_fake_temporarily():
+                return fn(*args, **kwargs)
+        wrapper.__wrapped__ = fn
+        return wrapper
+
+    patched = []
+    for cls in vars(selection).values():
+        if inspect.isclass(cls) and cls.__module__ == selection.__name__:
+            for name, fn in list(vars(cls).items()):
+                if inspect.isfunction(fn):
+                    patched.append((cls, name, fn))
+                    setattr(cls, name, real(fn))
+    return patched
 
 
 def seq_length(cfg) -> int:
@@ -365,7 +486,7 @@ def measure_step(cfg, fake: bool = True, steps: int = 2, gpu: bool | None = None
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     tracker = Tracker(round_to=CUDA_BLOCK if gpu else 1)
-    with _prediction_env(device if offload else None), fake_mode:
+    with _prediction_env(fake), fake_mode:
         seed_everything(int(cfg.run.seed))
         model = build_model(cfg.model, dtype, device)
         optimizer = build_method(cfg.method, model, seed=int(cfg.run.seed))
