@@ -40,6 +40,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from zoexp.models import ModelLoadError
+
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
 HOST = "host"
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
@@ -460,7 +462,29 @@ def target_is_gpu(cfg) -> bool:
     return name.startswith("cuda")
 
 
+@contextlib.contextmanager
+def _rng_preserved():
+    """The caller's random state is left as it was (a pre-run check must not change the run)."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def measure_step(cfg, fake: bool = True, steps: int = 2, gpu: bool | None = None) -> dict:
+    """See ``_measure_step``; the random state of the caller is preserved."""
+    with _rng_preserved():
+        return _measure_step(cfg, fake=fake, steps=steps, gpu=gpu)
+
+
+def _measure_step(cfg, fake: bool = True, steps: int = 2, gpu: bool | None = None) -> dict:
     """Run ``steps`` training steps of the configured method on a synthetic batch and track memory.
 
     ``fake``: fake tensors (no storage, any size); else real CPU tensors (validation). ``gpu``: round
@@ -561,6 +585,70 @@ def predict_cfg(cfg, steps: int = 2) -> dict:
            "run.batch_size": int(cfg.run.batch_size), "run.max_length": seq_length(cfg),
            "run.offload": bool(cfg.run.get("offload", False)), "run.device": str(cfg.run.get("device", "auto"))}
     row.update(measure_step(cfg, fake=True, steps=steps))
+    return row
+
+
+class DoesNotFit(ModelLoadError):
+    """The predicted peak of a step exceeds the free device memory (raised before the model loads; a
+    user error: the CLI prints it without a traceback, a sweep records a failed row and goes on)."""
+
+
+def check_fits(cfg, device: torch.device, row: dict | None = None) -> dict | None:
+    """Before a CUDA run (``run.memory_check``: auto/true; false = off): predict the device peak and
+    stop with a clear message if it exceeds the free memory of ``device``. Returns the prediction
+    (None when skipped: not CUDA, switched off, or a model without architecture data)."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    setting = cfg.run.get("memory_check", "auto")
+    if setting in (False, "false", "off", None) or device.type != "cuda":
+        return None
+    try:
+        pred = measure_step(cfg, fake=True, gpu=True)
+    except ValueError as exc:  # no architecture data: nothing to predict from
+        log.warning("memory check skipped: %s", exc)
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    peak = pred[PREFIX + "predicted_peak_bytes"]
+    if row is not None:
+        row.update({PREFIX + "predicted_peak_bytes": peak, PREFIX + "device_free_bytes": free,
+                    PREFIX + "predict_s": pred[PREFIX + "predict_s"]})
+    if peak > free:
+        raise DoesNotFit(
+            f"predicted peak device memory {peak / GIB:.2f} GiB exceeds the free memory of {device} "
+            f"({free / GIB:.2f} of {total / GIB:.2f} GiB): "
+            + ", ".join(f"{k} {pred[f'{PREFIX}predicted/{k}_bytes'] / GIB:.2f}" for k in CATEGORIES)
+            + " GiB. Smaller run.batch_size / run.max_length, run.dtype=fp16, run.offload=true, or more "
+              "memory; run.memory_check=false skips this check (docs/memory.md).")
+    log.info("memory check: predicted peak %.2f GiB, free %.2f GiB on %s", peak / GIB, free / GIB, device)
+    return pred
+
+
+def dry_run(cfg, run_dir) -> dict:
+    """``run.dry_run=memory``: a result row with status ``predicted`` (the run's inputs, as any row, and
+    ``memory/*``), appended to ``run.results_file``; nothing is trained or loaded."""
+    from pathlib import Path
+
+    from zoexp.results import append_row
+    from zoexp.runner import base_row
+
+    mode = str(cfg.run.get("dry_run"))
+    if mode != "memory":
+        raise ValueError(f"run.dry_run must be memory or null, not {mode!r}")
+    row = base_row(cfg, Path(run_dir or "."))
+    t0 = time.perf_counter()
+    try:
+        row.update(measure_step(cfg, fake=True))
+        row["status"] = "predicted"
+    except Exception as exc:  # the row says why (e.g. no architecture data); a sweep goes on
+        row.update(status="failed", message=f"{type(exc).__name__}: {exc}")
+    row["device"] = f"predicted ({'cuda' if target_is_gpu(cfg) else 'cpu'})"
+    row["time/total_s"] = time.perf_counter() - t0
+    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if cfg.run.get("results_file"):
+        append_row(cfg.run.results_file, row)
+    if row["status"] == "failed":
+        raise RuntimeError(row["message"])
     return row
 
 
