@@ -507,7 +507,7 @@ def _measure_step(cfg, fake: bool = True, steps: int = 2, gpu: bool | None = Non
     batch_size, length = int(cfg.run.batch_size), seq_length(cfg)
     offload = bool(cfg.run.get("offload", False))
     device = torch.device("cpu")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     tracker = Tracker(round_to=CUDA_BLOCK if gpu else 1)
     with _prediction_env(fake), fake_mode:
@@ -576,6 +576,7 @@ def _measure_step(cfg, fake: bool = True, steps: int = 2, gpu: bool | None = Non
         if offloader is not None:
             row.update({f"{PREFIX}{k}": v for k, v in offloader.device_bytes().items()})
     row[f"{PREFIX}predict_s"] = time.perf_counter() - t0
+    row[f"{PREFIX}predict_cpu_s"] = time.process_time() - c0  # CPU seconds: wall-clock on a loaded machine
     return row
 
 
@@ -602,6 +603,9 @@ def check_fits(cfg, device: torch.device, row: dict | None = None) -> dict | Non
     log = logging.getLogger(__name__)
     setting = cfg.run.get("memory_check", "auto")
     if setting in (False, "false", "off", None) or device.type != "cuda":
+        return None
+    if cfg.model.get("device_map") is not None:  # sharded over devices: one device's peak is not predicted
+        log.info("memory check skipped: model.device_map spreads the model over several devices")
         return None
     try:
         pred = measure_step(cfg, fake=True, gpu=True)
