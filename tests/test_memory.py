@@ -93,3 +93,16 @@ def test_dry_run_writes_a_predicted_row(tmp_path):
     assert row["status"] == "predicted" and row["method"] == "mezo" and row["run"]["batch_size"] == 2
     written = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert written[-1]["memory/predicted_peak_bytes"] == row["memory/predicted_peak_bytes"]
+
+
+def test_memory_tables_cells_follow_the_paper_sweeps_and_render_deltas():
+    from zoexp import memory_tables
+
+    cells = memory_tables.cells("hzo_table4")
+    hzo175 = [c for c in cells if c["method"] == "hzo" and c["role"] == "opt-175b" and c["variant"] == "fp16"]
+    assert len(hzo175) == 1 and "model=opt-175b" in hzo175[0]["overrides"]
+    assert "run.offload=true" in hzo175[0]["overrides"]  # whatever the sweep says for HZO flows in
+    row = {**hzo175[0], "status": "predicted", "memory/predicted_peak_bytes": int(17.62 * 1.1 * 2**30)}
+    text = memory_tables.render("hzo_table4", [row])
+    assert "17.62 / **19.38** (+10%)" in text
+    assert {c["role"] for c in memory_tables.cells("focus_table5")} == {"llama-3-8b"}

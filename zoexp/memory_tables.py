@@ -40,11 +40,9 @@ DROP = ("method.lr", "method.eps", "method.fo_lr", "run.steps", "run.eval_every"
 
 
 def _paper_table(name: str) -> dict:
-    from omegaconf import OmegaConf
+    from zoexp.report import load_layout
 
-    from zoexp.report import tables_dir
-
-    return OmegaConf.to_container(OmegaConf.load(tables_dir() / f"{name}.yaml"), resolve=True)
+    return load_layout(name)
 
 
 def cells(name: str) -> list[dict]:
