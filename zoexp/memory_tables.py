@@ -147,6 +147,17 @@ def _cell(paper, row: dict | None) -> tuple[str, float | None]:
         return f"{shown} / {why}", None
     gib = row["memory/predicted_peak_bytes"] / 2**30
     if pv is None:
+        import re
+
+        nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", str(paper))]
+        text = str(paper)
+        if text.startswith(">") and nums:  # "> 48G": out of memory on a card of that size
+            verdict = "consistent: also > " if gib > nums[0] else "below "
+            return f"{shown} / **{gib:.2f}** ({verdict}{nums[0]:g})", None
+        if "≤" in text and len(nums) == 2:  # "3.6G ≤ m ≤ 4.6G": Δ to the nearest end of the range
+            lo, hi = nums
+            delta = 0.0 if lo <= gib <= hi else (gib / (lo if gib < lo else hi) - 1) * 100
+            return f"{shown} / **{gib:.2f}** ({delta:+.0f}% to the range)", delta
         return f"{shown} / **{gib:.2f}**", None
     delta = (gib / pv - 1) * 100
     return f"{shown} / **{gib:.2f}** ({delta:+.0f}%)", delta
@@ -204,9 +215,33 @@ def render(name: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_tables(rows: list[dict] | None = None, names=TABLES) -> str:
+def breakdown(name: str, rows: list[dict]) -> str:
+    """Per cell: the predicted peak split by category (GiB), and the prediction's time."""
+    from zoexp.memory import CATEGORIES
+
+    rows = [r for r in rows if r.get("table") == name and r.get("status") == "predicted"]
+    if not rows:
+        return ""
+    head = ["method", "model", "variant/task", "dtype", "batch × len", "offload", "peak",
+            *CATEGORIES, "host", "time (cpu) s"]
+    lines = [f"Breakdown ({name}, GiB):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["method"], r.get("memory/model_params", 0), str(r.get("variant")))):
+        g = lambda k: r.get(k, 0) / 2**30  # noqa: E731
+        cpu = r.get("memory/predict_cpu_s")
+        lines.append("| " + " | ".join([
+            r["method"], r["role"], str(r.get("variant") or r["task"]), str(r.get("memory/dtype")),
+            f"{r.get('memory/batch_size')} × {r.get('memory/seq_len')}",
+            f"ring {r['memory/offload_ring']}" if r.get("memory/offload") else "—",
+            f"{g('memory/predicted_peak_bytes'):.2f}", *(f"{g(f'memory/predicted/{c}_bytes'):.2f}" for c in CATEGORIES),
+            f"{g('memory/host_bytes'):.1f}",
+            f"{r.get('memory/predict_s', 0):.0f}" + (f" ({cpu:.0f})" if cpu else "")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_tables(rows: list[dict] | None = None, names=TABLES, details: bool = False) -> str:
     rows = load_rows() if rows is None else rows
-    return "\n".join(render(n, rows) for n in names if any(r.get("table") == n for r in rows))
+    return "\n".join(render(n, rows) + ("\n" + breakdown(n, rows) if details else "")
+                     for n in names if any(r.get("table") == n for r in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             predict_table(n)
     else:
-        print(render_tables(names=names))
+        print(render_tables(names=names, details=True))
     return 0
 
 
