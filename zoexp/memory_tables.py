@@ -238,6 +238,24 @@ def breakdown(name: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timing(rows: list[dict]) -> str:
+    """Prediction time per model: wall-clock and CPU seconds (min–max over the cells)."""
+    per: dict[str, list] = {}
+    for r in rows:
+        if r.get("status") == "predicted" and r.get("memory/predict_s"):
+            per.setdefault(r["role"], []).append((r["memory/predict_s"], r.get("memory/predict_cpu_s"),
+                                                  r.get("memory/model_params", 0)))
+    if not per:
+        return ""
+    lines = ["| model | parameters | cells | wall-clock s | CPU s |", "|---|---|---|---|---|"]
+    for role, vals in sorted(per.items(), key=lambda kv: kv[1][0][2]):
+        walls = [v[0] for v in vals]
+        cpus = [v[1] for v in vals if v[1]]
+        cpu = f"{min(cpus):.0f}–{max(cpus):.0f}" if cpus else "—"
+        lines.append(f"| {role} | {vals[0][2] / 1e9:.2f} B | {len(vals)} | {min(walls):.0f}–{max(walls):.0f} | {cpu} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_tables(rows: list[dict] | None = None, names=TABLES, details: bool = False) -> str:
     rows = load_rows() if rows is None else rows
     return "\n".join(render(n, rows) + ("\n" + breakdown(n, rows) if details else "")
