@@ -34,7 +34,6 @@ import math
 import os
 import time
 import weakref
-from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

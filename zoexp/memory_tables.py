@@ -16,7 +16,6 @@ Table 4 the model the sweep cannot run (OPT-175B, no public weights; its archite
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -226,7 +225,9 @@ def breakdown(name: str, rows: list[dict]) -> str:
             *CATEGORIES, "host", "time (cpu) s"]
     lines = [f"Breakdown ({name}, GiB):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["method"], r.get("memory/model_params", 0), str(r.get("variant")))):
-        g = lambda k: r.get(k, 0) / 2**30  # noqa: E731
+        def g(k: str, r: dict = r) -> float:
+            return r.get(k, 0) / 2**30
+
         cpu = r.get("memory/predict_cpu_s")
         lines.append("| " + " | ".join([
             r["method"], r["role"], str(r.get("variant") or r["task"]), str(r.get("memory/dtype")),
@@ -283,5 +284,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-__all__ = ["cells", "predict_table", "render", "render_tables", "load_rows", "math"]

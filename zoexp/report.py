@@ -753,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.tables == ["memory"]:  # predicted memory tables (zoexp.memory_tables, docs/memory.md)
-        from zoexp.memory_tables import ROWS_FILE, load_rows as predicted_rows, render_tables
+        from zoexp.memory_tables import ROWS_FILE, render_tables
+        from zoexp.memory_tables import load_rows as predicted_rows
 
         print(render_tables(predicted_rows(Path(args.rows) if args.rows else ROWS_FILE)))
         return 0
