@@ -89,7 +89,7 @@ def _check_types(prefix: str, node: DictConfig, defaults: dict) -> None:
         _fail(f"{prefix}.{key}", value, f"must be {kind} (default {default}), e.g. {prefix}.{key}={default}")
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig, device: bool = True) -> None:
     """Raise ``ConfigError`` for the first value that cannot work; see the module docstring."""
     run, task, method = cfg.get("run"), cfg.get("task"), cfg.get("method")
     if run is None or task is None or method is None:
@@ -116,7 +116,8 @@ def check_config(cfg: DictConfig) -> None:
     lr = method.get("lr")
     if _is_number(lr) and lr < 0:
         _fail("method.lr", lr, "must be >= 0")
-    _check_device(str(run.get("device", "auto")))
+    if device:
+        _check_device(str(run.get("device", "auto")))
 
 
 def check_active_blocks(method: DictConfig, optimizer) -> None:
