@@ -1,0 +1,79 @@
+"""The GPU check (tools/gpu_check.py, docs/gpu.md) cannot rot before a GPU is lent: its dry mode runs the
+same code path on CPU with tiny shapes (``make gpu-check DRY=1``), and what travels stays under 64 MiB."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+
+import gpu_check  # noqa: E402
+import gpu_pack  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ZOEXP_CACHE_DIR": os.environ.get("ZOEXP_CACHE_DIR", "")}
+    if not env["ZOEXP_CACHE_DIR"]:
+        env.pop("ZOEXP_CACHE_DIR")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry", "--out", str(out),
+                           "--budget-s", "900"], capture_output=True, text=True, env=env, timeout=900)
+    return proc, out
+
+
+def test_dry_run_passes_every_part(dry_run):
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "gpu_check.json").read_text())
+    entries = doc["entries"]
+    bad = [(e["name"], e["status"], e.get("reason")) for e in entries if e["status"] not in ("ok", "skipped")]
+    assert not bad, bad
+    assert {e["part"] for e in entries} == {"a", "b", "c", "d"}
+    skipped = [e["name"] for e in entries if e["status"] == "skipped"]
+    assert skipped == ["upload/compute/offload overlap (CUDA events)"]  # the one CUDA-only measurement
+    bench = {e["method"] for e in entries if e["part"] == "b"}
+    assert bench == set(gpu_check.BENCH_METHODS)
+    assert {e["offload"] for e in entries if e["part"] == "c" and "offload" in e} == {True, False}
+    assert doc["meta"]["mode"].startswith("dry")
+    assert "## b. Paper-shaped benchmark" in (out / "gpu_check.md").read_text()
+
+
+def test_every_bench_row_says_what_became_of_the_memory_prediction(dry_run):
+    _, out = dry_run
+    rows = [e for e in json.loads((out / "gpu_check.json").read_text())["entries"] if e["part"] in "bc"
+            and "prediction" in e]
+    assert rows
+    for e in rows:  # either a prediction or the reason it is unavailable -- never silence
+        assert e["prediction"] == "ok" or e["prediction"].startswith("prediction unavailable: ")
+        if e["prediction"] == "ok":
+            assert e["predicted_peak_bytes"] > 0
+
+
+def test_intervals_and_budget():
+    assert gpu_check._union([(0, 2), (1, 3), (5, 6)]) == [(0, 3), (5, 6)]
+    assert gpu_check._intersection([(0, 3)], [(2, 5), (1, 1.5)]) == pytest.approx(1.5)
+    budget = gpu_check.Budget(10.0)
+    budget.begin_part(0.1, 0.0)
+    with pytest.raises(gpu_check.OutOfTime):
+        budget.check(5.0)
+
+
+def test_paper_shapes_have_the_published_parameter_counts():
+    # OPT-1.3B and OPT-13B as published (facebook/opt-*: 1.316e9 and 12.853e9 parameters)
+    assert gpu_check.param_count("opt-1.3b", gpu_check.OPT_VOCAB) == pytest.approx(1.3158e9, rel=1e-3)
+    assert gpu_check.param_count("opt-13b", gpu_check.OPT_VOCAB) == pytest.approx(12.853e9, rel=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs a git checkout")
+def test_what_travels_leaves_room_for_the_pack():
+    sizes = gpu_pack.travelling_bytes()
+    pack = 50 * 2**20  # wheels (0.5 MiB) + the 8-layer SmolLM2 GGUF (47.3 MiB) + SST-2 rows
+    assert sizes["tracked"] + sizes["untracked"] + pack <= gpu_pack.LIMIT, sizes
