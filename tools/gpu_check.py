@@ -9,7 +9,7 @@ whole budget, is written as skipped, with the reason):
 
   a  the CUDA test subset: offloaded == plain with streams and pinned memory; fp16 and bf16 steps of
      MeZO, HiZOO, FOCUS and HZO; restore exactness in fp16; upload/compute/offload overlap read from
-     CUDA events;
+     CUDA events; zoexp.distributed's all-reduce closure on a one-rank nccl group;
   b  the benchmark on paper-shaped OPT models (OPT-1.3B and OPT-13B dims, random weights, fp16):
      forward and step time, overhead ratio, tokens/s, torch.cuda.max_memory_allocated against
      ``zoexp.memory.predict`` (the fake-tensor prediction; 'prediction unavailable: ...' if absent);
@@ -359,10 +359,23 @@ def param_count(shape: str, vocab: int) -> int:
 
 
 @torch.no_grad()
+def _normal_(t: torch.Tensor, std: float = 0.02) -> None:
+    """N(0, std²) in place; a host tensor on a GPU machine is filled from the GPU (fp16 normal_ on the
+    CPU is slow, and the host copies of part c are tens of GB)."""
+    if t.device.type != "cpu" or not torch.cuda.is_available():
+        t.normal_(0.0, std)
+        return
+    flat, step = t.view(-1), 1 << 27
+    for a in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - a)
+        flat[a:a + n].copy_(torch.empty(n, dtype=t.dtype, device="cuda").normal_(0.0, std))
+
+
+@torch.no_grad()
 def _init_(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear | nn.Embedding):
-            m.weight.normal_(0.0, 0.02)
+            _normal_(m.weight)
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
         elif isinstance(m, nn.LayerNorm):
@@ -426,11 +439,10 @@ def make_method(name: str, model, seed: int = 0, **overrides):
     return build_method(method_cfg(name, **overrides), model, seed=seed)
 
 
-def free(*objs) -> None:
-    """Release device memory between measurements (a CPU run leaves it to reference counting: a full
-    collection over transformers' objects costs more than the dry run's steps)."""
-    for o in objs:
-        del o
+def free() -> None:
+    """Release device memory between measurements, after the caller dropped its references (a CPU run
+    leaves it to reference counting: a full collection over transformers' objects costs more than the
+    dry run's steps)."""
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.synchronize()
@@ -602,7 +614,8 @@ def check_offload_equals_plain(s: Settings, rec: Recorder, budget: Budget) -> No
                 offloaded_peak_allocated_bytes=mem["peak_allocated_bytes"],
                 **{k: v for k, v in off.device_bytes().items() if k in ("offload/device_param_bytes", "offload/block_bytes")})
         off.close()
-        free(plain, model, a, b, off)
+        del plain, model, a, b, off
+        free()
 
 
 def check_half_steps(s: Settings, rec: Recorder, budget: Budget) -> None:
@@ -626,8 +639,10 @@ def check_half_steps(s: Settings, rec: Recorder, budget: Budget) -> None:
             rec.add("a", f"{dtype_name} steps ({method})", "ok" if ok else "FAIL", model=s.check_shape, dtype=dtype_name,
                     losses=steps["losses"], step_s=steps["step_s"], dtype_kept=kept, finite_weights=not nan_weights,
                     changed_fraction=changed / total)
-            free(opt)
-        free(model)
+            del opt
+            free()
+        del model
+        free()
 
 
 def check_restore_fp16(s: Settings, rec: Recorder, budget: Budget) -> None:
@@ -649,7 +664,8 @@ def check_restore_fp16(s: Settings, rec: Recorder, budget: Budget) -> None:
                 p.copy_(p0)
         rec.add("a", f"fp16 restore with lr=0 ({method})", "ok" if ratio <= 1 else "FAIL",
                 error_over_rounding_bound=ratio)
-        free(opt)
+        del opt
+        free()
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -658,7 +674,8 @@ def check_restore_fp16(s: Settings, rec: Recorder, budget: Budget) -> None:
         opt.step(closure_for(model, tok, batch))
     exact = all(torch.equal(p.detach(), torch.zeros_like(p)) for p in model.parameters())
     rec.add("a", "fp16 restore bit-exact (mezo, zero weights, eps=1)", "ok" if exact else "FAIL", bit_exact=exact)
-    free(opt, model)
+    del opt, model
+    free()
 
 
 class _Timeline:
@@ -736,7 +753,7 @@ def check_overlap(s: Settings, rec: Recorder, budget: Budget) -> None:
     budget.check(20)
     tok = WordTokenizer(s.vocab)
     torch.manual_seed(0)
-    model = build_model(s.overlap_shape, torch.float16, torch.device("cpu"), s.vocab)
+    model = build_model(s.overlap_shape, torch.float16, torch.device("cpu"), s.vocab, share_layers=True)
     opt = make_method("hzo", model, seed=0, interval=1000)  # no FO step after step 0
     off = enable_offload(model, opt, s.device, ring=3)
     closure = closure_for(model, tok, synthetic_batch(s.batch_size, s.seq_len, seed=3))
@@ -747,7 +764,8 @@ def check_overlap(s: Settings, rec: Recorder, budget: Budget) -> None:
         rec.add("a", "upload/compute/offload overlap (CUDA events)", "skipped",
                 reason="dry run on CPU: no streams or events (the offloaded step itself ran)")
         off.close()
-        free(model, opt, off)
+        del model, opt, off
+        free()
         return
     timeline = _Timeline(off.sync, off)
     off.sync = timeline
@@ -778,7 +796,48 @@ def check_overlap(s: Settings, rec: Recorder, budget: Budget) -> None:
             upload_GBps=(n_up * layer_bytes / 1e9) / max(sum(b - a for a, b in iv["upload"]) / 1e3, 1e-9),
             block_bytes=layer_bytes)
     off.close()
-    free(model, opt, off, timeline)
+    del model, opt, off, timeline
+    free()
+
+
+def check_collectives(s: Settings, rec: Recorder, budget: Budget) -> None:
+    """zoexp.distributed's data-parallel closure on a one-rank process group (nccl on the GPU, gloo in
+    the dry run): the all-reduced loss equals the local one, and a hybrid step's gradient hooks run."""
+    import socket
+
+    import torch.distributed as dist
+
+    from zoexp.distributed import DataParallel
+
+    budget.check(10)
+    backend = "gloo" if s.device.type == "cpu" else "nccl"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        tok = WordTokenizer(s.vocab)
+        torch.manual_seed(0)
+        model = build_model(s.check_shape, torch.float32, s.device, s.vocab)
+        dp = DataParallel(s.device, backend)
+        closure = closure_for(model, tok, synthetic_batch(s.batch_size, s.seq_len, seed=2))
+        total = float(sum(closure.weights))
+        wrapped = dp.wrap_closure(closure, total, total)
+        with torch.no_grad():
+            local, reduced = closure(), wrapped()
+        opt = make_method("hzo", model, seed=0, interval=1)  # a first-order step every step
+        dp.sync_gradients(opt)
+        loss = float(opt.step(wrapped))
+        sync(s.device)
+        same = abs(float(local) - float(reduced)) <= 1e-6 * abs(float(local))
+        rec.add("a", f"{backend} one-rank all-reduce (zoexp.distributed)", "ok" if same and math.isfinite(loss) else "FAIL",
+                backend=backend, local_loss=float(local), reduced_loss=float(reduced), step_loss=loss,
+                allreduce_calls=dp.calls, loss_bytes=dp.bytes["loss"], grad_bytes=dp.bytes["grad"])
+        dp.close()
+        del model, opt, closure, wrapped
+    finally:
+        dist.destroy_process_group()
+        free()
 
 
 # ----------------------------------------------------------------------------- part b: benchmark
@@ -815,44 +874,76 @@ def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     for method in BENCH_METHODS:
         name = f"{shape} {method}"
+        t_pred = time.perf_counter()
         pred = predicted_peak(prediction_overrides(s, shape, method))
+        pred["prediction_s"] = round(time.perf_counter() - t_pred, 2)
         need = pred.get("predicted_peak_bytes") or estimate_peak(s, shape, method)
         if need > 0.97 * capacity:
             rec.add("b", name, "skipped", model=shape, method=method, reason=f"would need {need / GiB:.1f} GiB "
                     f"of {capacity / GiB:.1f} GiB ({'predicted' if pred.get('predicted_peak_bytes') else 'estimated'})",
                     **pred)
             continue
+        held: dict = {}  # the method, so that every exit path can drop it
         try:
             budget.check(max(10.0, 3 * forward_s * (s.warmup + s.repeats) * 4))
-            row = {"model": shape, "method": method, "dtype": DTYPE_NAMES[s.bench_dtype], "params": n_params, "tokens_per_batch": tokens,
-                   "forward_s": forward_s, "build_s": round(build_s, 2)}
+            row = {"model": shape, "method": method, "dtype": DTYPE_NAMES[s.bench_dtype], "params": n_params,
+                   "tokens_per_batch": tokens, "forward_s": forward_s, "build_s": round(build_s, 2)}
             if method == "zero-shot":
                 row.update(tokens_per_s=tokens / forward_s, forward_passes_per_step=1, **inference)
             else:
                 reset_peak(s.device)
-                opt = make_method(method, model, seed=0)
+                opt = held["opt"] = make_method(method, model, seed=0)
                 model.train(opt.train_mode)
                 steps = timed_steps(opt, closure_for(model, tok, batch), s.device, s.warmup, s.repeats, budget)
-                model.train(False)
                 passes = steps["forward_passes_per_step"]
                 row.update(steps, overhead_ratio=steps["step_s"] / (passes * forward_s),
                            tokens_per_s=passes * tokens / steps["step_s"], state_bytes=opt.state_bytes(),
-                           **peaks(s.device))
-                free(opt)
+                           grad_bytes_max=getattr(opt, "grad_bytes_max", 0), **peaks(s.device))
+                del opt
             row.update(pred)
             if pred.get("predicted_peak_bytes") and row.get("peak_allocated_bytes"):
                 row["measured_over_predicted"] = row["peak_allocated_bytes"] / pred["predicted_peak_bytes"]
             row["estimated_peak_bytes"] = estimate_peak(s, shape, method)
             rec.add("b", name, "ok", **row)
+        except OutOfTime as exc:
+            rec.add("b", name, "skipped", model=shape, method=method, reason=str(exc), **pred)
         except torch.cuda.OutOfMemoryError as exc:
-            free()
-            rec.add("b", name, "oom", model=shape, method=method, reason=str(exc).splitlines()[0][:300], **pred)
+            rec.add("b", name, "oom", model=shape, method=method, reason=str(exc).splitlines()[0][:300],
+                    estimated_peak_bytes=estimate_peak(s, shape, method), **pred)
         finally:
             model.train(False)
-    free(model, closure)
+            held.clear()
+            for p in model.parameters():  # a first-order step stopped half-way leaves its gradients
+                p.grad = None
+            free()
+    del model, closure
+    free()
 
 
 # ----------------------------------------------------------------------------- part c: offloaded HZO
+
+
+def pinned_host_bytes(s: Settings, shape: str) -> int:
+    """Host bytes of an offloaded model: one pinned bucket per offloaded layer, each rounded up to a power
+    of two by torch's pinned-memory allocator (CachingHostAllocator), plus the template layer and the
+    embeddings while the model is built."""
+    h, layers, _, ffn = OPT_SHAPES[shape]
+    size = torch.tensor([], dtype=s.bench_dtype).element_size()
+    layer = (4 * (h * h + h) + 2 * h * ffn + ffn + h + 4 * h) * size
+    bucket = 1 << (layer - 1).bit_length()
+    return (layers - 1) * bucket + layer + (s.vocab + 2050) * h * size  # the FO layer stays on the device
+
+
+def host_memory() -> dict:
+    """Process RSS and, where torch has it, its pinned-memory allocator's counters."""
+    from zoexp.measure import current_rss
+
+    out = {"host_rss_bytes": current_rss()}
+    with contextlib.suppress(Exception):
+        stats = torch.cuda.host_memory_stats()
+        out.update({f"pinned/{k}": v for k, v in stats.items() if "bytes" in k and "current" in k})
+    return out
+
 
 
 def offload_runs(s: Settings, rec: Recorder, budget: Budget) -> None:
@@ -861,15 +952,17 @@ def offload_runs(s: Settings, rec: Recorder, budget: Budget) -> None:
     tok = WordTokenizer(s.vocab)
     chosen = None
     for shape in s.offload_shapes:
-        host = 2 * param_count(shape, s.vocab)
-        if host <= 0.6 * s.host_ram:
+        host = pinned_host_bytes(s, shape)
+        if host <= 0.7 * s.host_ram:
             chosen = shape
             break
         rec.add("c", f"{shape} offloaded hzo", "skipped", model=shape, host_bytes=host,
-                reason=f"host copy {host / GiB:.0f} GiB > 60% of {s.host_ram / GiB:.0f} GiB host memory")
+                reason=f"pinned host copy {host / GiB:.0f} GiB > 70% of {s.host_ram / GiB:.0f} GiB host memory "
+                       f"(model {2 * param_count(shape, s.vocab) / GiB:.0f} GiB; torch rounds each pinned bucket "
+                       "up to a power of two)")
     if chosen is None:
         return
-    shape, host = chosen, 2 * param_count(chosen, s.vocab)  # fp16 (the dry run's fp32: twice)
+    shape, host = chosen, pinned_host_bytes(s, chosen)
     batch = synthetic_batch(s.batch_size, s.seq_len, seed=0)
     tokens = s.batch_size * s.seq_len
     for offload in (True, False):
@@ -880,21 +973,25 @@ def offload_runs(s: Settings, rec: Recorder, budget: Budget) -> None:
             if need > 0.95 * device_memory(s):
                 rec.add("c", name, "skipped", model=shape, reason=f"would need {need / GiB:.1f} GiB on the device", **pred)
                 continue
+        held: dict = {}  # model, method, offloader: dropped on every exit path
         try:
             budget.check(30)
             torch.manual_seed(0)
             t0 = time.perf_counter()
             if offload:
-                model = build_model(shape, s.bench_dtype, torch.device("cpu"), s.vocab, share_layers=True)
-                opt = make_method("hzo", model, seed=0)
+                model = held["model"] = build_model(shape, s.bench_dtype, torch.device("cpu"), s.vocab, share_layers=True)
+                opt = held["opt"] = make_method("hzo", model, seed=0)
                 t1 = time.perf_counter()
-                off = enable_offload(model, opt, s.device, ring=3)
+                off = held["off"] = enable_offload(model, opt, s.device, ring=3)
                 setup = {"build_s": round(t1 - t0, 1), "offload_setup_s": round(time.perf_counter() - t1, 1),
-                         **off.device_bytes(), "pinned_buckets": all(b.is_pinned() for b in off._buckets.values())}
+                         **off.device_bytes(), "pinned_buckets": all(b.is_pinned() for b in off._buckets.values()),
+                         "bucket_bytes_total": sum(b.numel() * b.element_size() for b in off._buckets.values()),
+                         **host_memory()}
             else:
-                model = build_model(shape, s.bench_dtype, s.device, s.vocab)
-                opt = make_method("hzo", model, seed=0)
+                model = held["model"] = build_model(shape, s.bench_dtype, s.device, s.vocab)
+                opt = held["opt"] = make_method("hzo", model, seed=0)
                 off, setup = None, {"build_s": round(time.perf_counter() - t0, 1)}
+            budget.check(10)
             reset_peak(s.device)
             steps = timed_steps(opt, closure_for(model, tok, batch), s.device, s.warmup, s.repeats, budget)
             row = {"model": shape, "offload": offload, "host_bytes": host, "tokens_per_batch": tokens, **setup,
@@ -902,14 +999,19 @@ def offload_runs(s: Settings, rec: Recorder, budget: Budget) -> None:
                    **peaks(s.device), **pred}
             if off is not None:
                 row.update(uploads=off.uploads, offloads=off.offloads, max_in_ring=off.max_in_ring)
-                off.close()
             if pred.get("predicted_peak_bytes") and row.get("peak_allocated_bytes"):
                 row["measured_over_predicted"] = row["peak_allocated_bytes"] / pred["predicted_peak_bytes"]
             rec.add("c", name, "ok", **row)
-            free(model, opt, off)
+        except OutOfTime as exc:
+            rec.add("c", name, "skipped", model=shape, reason=str(exc), **pred)
         except torch.cuda.OutOfMemoryError as exc:
-            free()
             rec.add("c", name, "oom", model=shape, reason=str(exc).splitlines()[0][:300], **pred)
+        finally:
+            if held.get("off") is not None:
+                held["off"].close()
+            held.clear()
+            model = opt = off = None
+            free()
     done = {e["offload"]: e for e in rec.entries if e["part"] == "c" and e["status"] == "ok"}
     if True in done and False in done:
         a, b = done[True], done[False]
@@ -998,7 +1100,8 @@ def real_weights(s: Settings, rec: Recorder, budget: Budget) -> None:
                 dtype=dtype, params=sum(p.numel() for p in model.parameters()), load_s=round(load_s, 2),
                 steps=steps, batch_size=bs, train_s=round(train_s, 2), losses=[round(x, 4) for x in losses],
                 acc_before=acc0, acc_after=acc1, eval_examples=len(data.test), **peaks(s.device))
-        free(model, opt)
+        del model, opt
+        free()
 
 
 # ----------------------------------------------------------------------------- main
@@ -1006,7 +1109,7 @@ def real_weights(s: Settings, rec: Recorder, budget: Budget) -> None:
 
 PARTS = [
     ("a", [("offloaded == plain", check_offload_equals_plain), ("fp16/bf16 steps", check_half_steps),
-           ("fp16 restore", check_restore_fp16), ("overlap", check_overlap)]),
+           ("fp16 restore", check_restore_fp16), ("overlap", check_overlap), ("collectives", check_collectives)]),
     ("b", None),
     ("c", [("offloaded hzo", offload_runs)]),
     ("d", [("real weights", real_weights)]),
