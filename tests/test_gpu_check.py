@@ -77,3 +77,47 @@ def test_what_travels_leaves_room_for_the_pack():
     sizes = gpu_pack.travelling_bytes()
     pack = 50 * 2**20  # wheels (0.5 MiB) + the 8-layer SmolLM2 GGUF (47.3 MiB) + SST-2 rows
     assert sizes["tracked"] + sizes["untracked"] + pack <= gpu_pack.LIMIT, sizes
+
+
+class _Tick:
+    """A stand-in timing event: record() stamps the next tick; elapsed_time as torch.cuda.Event's."""
+
+    clock = 0
+
+    def record(self, stream=None):
+        _Tick.clock += 1
+        self.t = _Tick.clock
+
+    def elapsed_time(self, other) -> float:
+        return float(other.t - self.t)
+
+
+def test_timeline_pairs_each_stream_s_waits_with_its_completions():
+    """The calls BlockOffloader makes for one layer (upload, acquire, release dirty) give one interval
+    per stream, each from the last wait before the work to the completion record after it."""
+    upload, offload, compute = object(), object(), object()
+    loaded, done, free_, host_ready = object(), object(), object(), object()
+
+    class Base:
+        def wait(self, stream, event): pass
+        def record(self, event, stream): pass
+
+    base = Base()
+    base.upload, base.offload = upload, offload
+
+    class Off:
+        _loaded, _done, _host_ready = [loaded], [done], {0: host_ready}
+
+    t0 = _Tick()
+    t0.record()
+    tl = gpu_check._Timeline(base, Off(), event_factory=_Tick)
+    tl.wait(upload, free_)           # _upload: slot free ...
+    tl.wait(upload, host_ready)      # ... and host copy final: the copy starts here
+    tl.record(loaded, upload)        # copy done
+    tl.wait(compute, loaded)         # acquire: compute waits for the upload
+    tl.record(done, compute)         # release: compute done
+    tl.wait(offload, done)           # offload waits for compute
+    tl.record(host_ready, offload)   # copy back done
+    tl.record(free_, offload)        # slot free: not a completion of work
+    iv = tl.intervals(t0)
+    assert iv == {"upload": [(2.0, 3.0)], "compute": [(4.0, 5.0)], "offload": [(6.0, 7.0)]}

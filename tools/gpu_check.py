@@ -682,8 +682,9 @@ class _Timeline:
     """Wraps an offloader's _Sync: a timing event after every wait (start of the work that waited) and
     after every upload / compute / offload completion record, per stream."""
 
-    def __init__(self, base, offloader):
+    def __init__(self, base, offloader, event_factory=None):
         self.base, self.off = base, offloader
+        self.new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
         self.marks: list[tuple[str, str, object]] = []  # (stream, start|end, event)
         self.ends = {id(e): "end" for e in (*offloader._loaded, *offloader._done, *offloader._host_ready.values())}
 
@@ -698,7 +699,7 @@ class _Timeline:
         return "compute"
 
     def _mark(self, stream, kind: str) -> None:
-        ev = torch.cuda.Event(enable_timing=True)
+        ev = self.new_event()
         ev.record(stream)
         self.marks.append((self._stream_name(stream), kind, ev))
 
