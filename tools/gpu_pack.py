@@ -9,6 +9,8 @@
                     its own quantised tensors and tokenizer, ``llama.block_count`` rewritten (the whole
                     file is 94 MiB, over the 64 MiB that travels; 8 layers is 47 MiB)
 .gpucheck/data/     the first rows of SST-2 train/validation from $ZOEXP_DATA_DIR (the real-data part)
+.gpucheck/predictions.json  zoexp.memory.predict for every (model, method) the GPU run measures: fake
+                    tensors need no GPU, and computing them here spares the device's minutes
 
 Then it prints the size of everything the device tool sends (tracked files, untracked files git does
 not ignore, and .gpucheck) and fails if that exceeds the tool's 64 MiB.
@@ -108,6 +110,27 @@ def pack_data(folder: Path, rows: int) -> None:
                 dst.write(line)
 
 
+def pack_predictions(target: Path) -> None:
+    """The GPU run's memory predictions (zoexp.memory.predict on fake tensors: CPU only, seconds each),
+    computed here so that the device's minutes go to measuring."""
+    import json
+    import time
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_check
+
+    settings = gpu_check.Settings(dry=False, budget_s=0, parts="", gguf=None, data_dir=None, host_ram=None)
+    out = {}
+    for overrides in gpu_check.planned_predictions(settings):
+        t0 = time.perf_counter()
+        row = gpu_check.predicted_peak(overrides, packed=False)
+        if row.get("prediction") == "ok":  # an unavailable one is left for the device run to retry
+            out[" ".join(overrides)] = row
+        print(f"  predicted {' '.join(overrides)}: {row.get('predicted_peak_bytes') or row['prediction']} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    target.write_text(json.dumps(out, indent=1))
+
+
 def travelling_bytes() -> dict:
     """Bytes the device tool sends: tracked + untracked-not-ignored files, and the carried .gpucheck."""
     def listed(*args: str) -> list[str]:
@@ -128,6 +151,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8, help="SmolLM2 layers kept in the real-weights GGUF (of 30)")
     ap.add_argument("--rows", type=int, default=512, help="SST-2 rows per split")
     ap.add_argument("--no-gguf", action="store_true", help="skip the real-weights GGUF (part d is then skipped)")
+    ap.add_argument("--no-predictions", action="store_true", help="skip the memory predictions (the device run then predicts)")
     ap.add_argument("--size-only", action="store_true", help="only print what would travel")
     args = ap.parse_args()
     if not args.size_only:
@@ -141,6 +165,8 @@ def main() -> int:
         if not args.no_gguf:
             truncate_gguf(smollm2_path(), PACK / f"smollm2-135m-first{args.layers}.gguf", args.layers)
         pack_data(PACK / "data", args.rows)
+        if not args.no_predictions:
+            pack_predictions(PACK / "predictions.json")
     sizes = travelling_bytes()
     for key, value in sizes.items():
         print(f"{key:>18}: {value:>10} bytes ({value / 2**20:.2f} MiB)")
