@@ -39,8 +39,9 @@ def test_dry_run_passes_every_part(dry_run):
     assert {e["part"] for e in entries} == {"a", "b", "c", "d"}
     skipped = [e["name"] for e in entries if e["status"] == "skipped"]
     assert skipped == ["upload/compute/offload overlap (CUDA events)"]  # the one CUDA-only measurement
-    bench = {e["method"] for e in entries if e["part"] == "b"}
-    assert bench == set(gpu_check.BENCH_METHODS)
+    bench = {e.get("method") for e in entries if e["part"] == "b"}
+    assert bench == set(gpu_check.BENCH_METHODS) | {"sgd", None}  # sgd: FOCUS Table 2; None: its ratios
+    assert any(e["name"].startswith("FOCUS Table 2 ratios") and e["status"] == "ok" for e in entries)
     assert {e["offload"] for e in entries if e["part"] == "c" and "offload" in e} == {True, False}
     assert doc["meta"]["mode"].startswith("dry")
     assert "## b. Paper-shaped benchmark" in (out / "gpu_check.md").read_text()

@@ -76,6 +76,13 @@ TINY_VOCAB = 512  # the dry run: a small vocabulary keeps the LM head and the no
 LENT_HOST_RAM = 128 * GiB
 
 BENCH_METHODS = ["zero-shot", "mezo", "hizoo", "focus", "hzo", "adam"]
+# FOCUS Table 2 (OPT-1.3B, SST-2): ZO methods at batch 8, first-order at batch 2; its runtime column is
+# 20,000 steps' wall-clock, and its claims are ratios to MeZO: HiZOO +81.6 % time and +72 % memory,
+# FOCUS −7 % time at about MeZO's memory
+FOCUS_TABLE2_RUNS = [(["zero-shot", "mezo", "hizoo", "focus"], 8), (["sgd"], 2)]
+FOCUS_TABLE2_STEPS = 20000
+FOCUS_TABLE2_MINUTES = {"mezo": 54 + 55 / 60, "hizoo": 99 + 44 / 60, "focus": 51 + 38 / 60, "sgd": 4 + 5 / 60}
+FOCUS_TABLE2_GB = {"mezo": 7.5 / 1.7225, "hizoo": 7.5, "focus": 4.1}  # MeZO's: HiZOO's 7.5 GB is "+72.25 %"
 ZO_METHODS = ["mezo", "hizoo", "focus", "hzo"]
 
 # Hyperparameters of the measurement runs (the papers' values where they give them; they do not change
@@ -108,6 +115,7 @@ class Settings:
             self.vocab = TINY_VOCAB
             self.check_shape, self.overlap_shape = "tiny-opt", "tiny-opt"
             self.bench_shapes = ["tiny-opt"]
+            self.focus_shape = "tiny-opt"
             self.offload_shapes = ["tiny-opt"]
             self.batch_size, self.seq_len = 2, 8
             self.warmup, self.repeats = 1, 1
@@ -119,6 +127,7 @@ class Settings:
             self.vocab = OPT_VOCAB
             self.check_shape, self.overlap_shape = "opt-125m", "opt-1.3b"
             self.bench_shapes = ["opt-1.3b", "opt-13b"]
+            self.focus_shape = "opt-1.3b"  # FOCUS Table 2's model
             self.offload_shapes = ["opt-66b", "opt-30b", "opt-13b", "opt-6.7b"]  # the first whose host copy fits
             self.batch_size, self.seq_len = 16, 128  # HZO Table 1's batch; MeZO-style short prompts
             self.warmup, self.repeats = 2, 3
@@ -248,17 +257,17 @@ def render_markdown(doc: dict) -> str:
              f"{meta.get('elapsed_s')} s of {meta['budget_s']:.0f} s · commit {str(meta.get('git_commit'))[:10]}",
              f"Batch {meta['batch_size']} × {meta['seq_len']} tokens, {meta['warmup']} warm-up + {meta['repeats']} "
              f"timed steps (medians).", ""]
-    bench = [e for e in entries if e["part"] == "b" and e["status"] == "ok"]
+    bench = [e for e in entries if e["part"] == "b" and e["status"] == "ok" and "method" in e]
     if bench:
         lines += ["## b. Paper-shaped benchmark (random weights)", "",
-                  "| model | method | dtype | fwd/step | forward s | step s | overhead ratio | tokens/s | "
+                  "| model | method | batch | dtype | fwd/step | forward s | step s | overhead ratio | tokens/s | "
                   "peak alloc GiB | predicted GiB | measured / predicted |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in bench:
             pred = e.get("predicted_peak_bytes")
-            ratio = f"{e['peak_allocated_bytes'] / pred:.2f}" if pred else "—"
+            ratio = f"{e['peak_allocated_bytes'] / pred:.2f}" if pred and e.get("peak_allocated_bytes") else "—"
             lines.append("| " + " | ".join([
-                e["model"], e["method"], e["dtype"], _fmt(e.get("forward_passes_per_step", 1)),
+                e["model"], e["method"], str(e.get("batch_size", "")), e["dtype"], _fmt(e.get("forward_passes_per_step", 1)),
                 _fmt(e["forward_s"]), _fmt(e.get("step_s", "—")), _fmt(e.get("overhead_ratio", "—")),
                 f"{e['tokens_per_s']:.0f}", _gib(e["peak_allocated_bytes"]), _gib(pred), ratio]) + " |")
         lines.append("")
@@ -571,14 +580,18 @@ def _predict_now(overrides: list[str]) -> dict:
 def planned_predictions(s: Settings) -> list[list[str]]:
     """The override lists parts b and c will ask ``zoexp.memory.predict`` for (tools/gpu_pack.py packs them)."""
     out = [prediction_overrides(s, shape, m) for shape in s.bench_shapes for m in BENCH_METHODS]
+    for methods, bs in FOCUS_TABLE2_RUNS:
+        out += [prediction_overrides(s, s.focus_shape, m, batch_size=bs) for m in methods]
     chosen = next((x for x in s.offload_shapes if pinned_host_bytes(s, x) <= 0.7 * s.host_ram), None)
     if chosen is not None:
         out += [prediction_overrides(s, chosen, "hzo", offload=o) for o in (True, False)]
     return out
 
 
-def prediction_overrides(s: Settings, shape: str, method: str, offload: bool = False) -> list[str]:
-    return [f"model={shape}", f"method={method}", f"run.dtype={DTYPE_NAMES[s.bench_dtype]}", f"run.batch_size={s.batch_size}",
+def prediction_overrides(s: Settings, shape: str, method: str, offload: bool = False,
+                         batch_size: int | None = None) -> list[str]:
+    return [f"model={shape}", f"method={method}", f"run.dtype={DTYPE_NAMES[s.bench_dtype]}",
+            f"run.batch_size={batch_size or s.batch_size}",
             f"run.max_length={s.seq_len}", f"run.device={s.device.type}", f"run.offload={str(offload).lower()}"]
 
 
@@ -887,21 +900,26 @@ def check_collectives(s: Settings, rec: Recorder, budget: Budget) -> None:
 # ----------------------------------------------------------------------------- part b: benchmark
 
 
-def estimate_peak(s: Settings, shape: str, method: str) -> int:
+def estimate_peak(s: Settings, shape: str, method: str, batch_size: int | None = None) -> int:
     """A rough peak (weights, method state, activations) used only to skip what cannot fit; the fake-tensor
     prediction replaces it when ``zoexp.memory`` is there."""
     n = param_count(shape, s.vocab)
     h, layers, heads, ffn = OPT_SHAPES[shape]
-    tokens = s.batch_size * s.seq_len
-    act_fwd = tokens * max(ffn, 4 * h) * 2 * 4 + s.batch_size * heads * s.seq_len**2 * 2
-    act_bwd = layers * tokens * (16 * h + 2 * ffn) * 2 + s.batch_size * heads * s.seq_len**2 * 2 * layers
+    bs = batch_size or s.batch_size
+    tokens = bs * s.seq_len
+    act_fwd = tokens * max(ffn, 4 * h) * 2 * 4 + bs * heads * s.seq_len**2 * 2
+    act_bwd = layers * tokens * (16 * h + 2 * ffn) * 2 + bs * heads * s.seq_len**2 * 2 * layers
     per = {"zero-shot": 2 * n, "mezo": 2 * n, "focus": 2 * n + 2 * 12 * h * h * 4,
            "hizoo": 2 * n + 4 * n, "hzo": 2 * n + 12 * h * h * 2 * 3,
-           "adam": 2 * n * 4}
-    return per[method] + (act_bwd if method == "adam" else act_fwd)
+           "adam": 2 * n * 4, "sgd": 2 * n * 2}
+    return per[method] + (act_bwd if method in ("adam", "sgd") else act_fwd)
 
 
-def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str) -> None:
+def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str, methods=BENCH_METHODS,
+                batch_size: int | None = None, label: str = "") -> None:
+    """Forward and step time, overhead ratio, tokens/s and device peak per method on one random-weight
+    model of ``shape`` (one build; each method's peak from a reset of the peak counters)."""
+    bs = batch_size or s.batch_size
     budget.check(30)
     tok = WordTokenizer(s.vocab)
     capacity = device_memory(s)
@@ -909,18 +927,18 @@ def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str) -> None:
     t0 = time.perf_counter()
     model = build_model(shape, s.bench_dtype, s.device, s.vocab)
     build_s = time.perf_counter() - t0
-    batch = synthetic_batch(s.batch_size, s.seq_len, seed=0)
-    tokens = s.batch_size * s.seq_len
+    batch = synthetic_batch(bs, s.seq_len, seed=0)
+    tokens = bs * s.seq_len
     reset_peak(s.device)
     closure = closure_for(model, tok, batch)
     forward_s = timed_forward(closure, s.device, s.warmup, s.repeats)
     inference = peaks(s.device)
     n_params = sum(p.numel() for p in model.parameters())
-    for method in BENCH_METHODS:
-        name = f"{shape} {method}"
+    for method in methods:
+        name = f"{shape}{label} {method}"
         pred = (DRY_UNPREDICTED if s.dry and method != "mezo"
-                else predicted_peak(prediction_overrides(s, shape, method), packed=not s.dry))
-        need = pred.get("predicted_peak_bytes") or estimate_peak(s, shape, method)
+                else predicted_peak(prediction_overrides(s, shape, method, batch_size=bs), packed=not s.dry))
+        need = pred.get("predicted_peak_bytes") or estimate_peak(s, shape, method, bs)
         if need > 0.97 * capacity:
             rec.add("b", name, "skipped", model=shape, method=method, reason=f"would need {need / GiB:.1f} GiB "
                     f"of {capacity / GiB:.1f} GiB ({'predicted' if pred.get('predicted_peak_bytes') else 'estimated'})",
@@ -930,7 +948,8 @@ def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str) -> None:
         try:
             budget.check(max(10.0, 3 * forward_s * (s.warmup + s.repeats) * 4))
             row = {"model": shape, "method": method, "dtype": DTYPE_NAMES[s.bench_dtype], "params": n_params,
-                   "tokens_per_batch": tokens, "forward_s": forward_s, "build_s": round(build_s, 2)}
+                   "batch_size": bs, "tokens_per_batch": tokens, "forward_s": forward_s, "build_s": round(build_s, 2),
+                   "label": label.strip()}
             if method == "zero-shot":
                 row.update(tokens_per_s=tokens / forward_s, forward_passes_per_step=1, **inference)
             else:
@@ -946,13 +965,13 @@ def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str) -> None:
             row.update(pred)
             if pred.get("predicted_peak_bytes") and row.get("peak_allocated_bytes"):
                 row["measured_over_predicted"] = row["peak_allocated_bytes"] / pred["predicted_peak_bytes"]
-            row["estimated_peak_bytes"] = estimate_peak(s, shape, method)
+            row["estimated_peak_bytes"] = estimate_peak(s, shape, method, bs)
             rec.add("b", name, "ok", **row)
         except OutOfTime as exc:
             rec.add("b", name, "skipped", model=shape, method=method, reason=str(exc), **pred)
         except torch.cuda.OutOfMemoryError as exc:
             rec.add("b", name, "oom", model=shape, method=method, reason=str(exc).splitlines()[0][:300],
-                    estimated_peak_bytes=estimate_peak(s, shape, method), **pred)
+                    estimated_peak_bytes=estimate_peak(s, shape, method, bs), **pred)
         finally:
             model.train(False)
             held.clear()
@@ -961,6 +980,31 @@ def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str) -> None:
             free()
     del model, closure
     free()
+
+
+def focus_table2(s: Settings, rec: Recorder, budget: Budget) -> None:
+    """FOCUS Table 2's runs on OPT-1.3B's shape (ZO at batch 8, SGD at batch 2), then its claims as
+    ratios to MeZO beside the paper's (its RTX 4090 minutes for 20,000 steps, its GB)."""
+    for methods, bs in FOCUS_TABLE2_RUNS:
+        bench_shape(s, rec, budget, s.focus_shape, methods=methods, batch_size=bs, label=f" FOCUS-T2 bs{bs}")
+    rows = {e["method"]: e for e in rec.entries if e["part"] == "b" and e["status"] == "ok"
+            and str(e.get("label", "")).startswith("FOCUS-T2") and "step_s" in e}
+    if "mezo" not in rows:
+        rec.add("b", "FOCUS Table 2 ratios", "skipped", reason="no MeZO row to compare with")
+        return
+    mezo = rows["mezo"]
+    out = {"model": s.focus_shape, "minutes_for_20000_steps": {k: round(r["step_s"] * FOCUS_TABLE2_STEPS / 60, 1)
+                                                              for k, r in rows.items()}}
+    for k, r in rows.items():
+        if k == "mezo":
+            continue
+        out[f"{k}_time_over_mezo"] = r["step_s"] / mezo["step_s"]
+        out[f"{k}_time_over_mezo_paper"] = FOCUS_TABLE2_MINUTES[k] / FOCUS_TABLE2_MINUTES["mezo"]
+        if r.get("peak_allocated_bytes") and mezo.get("peak_allocated_bytes"):
+            out[f"{k}_peak_over_mezo"] = r["peak_allocated_bytes"] / mezo["peak_allocated_bytes"]
+        if k in FOCUS_TABLE2_GB:
+            out[f"{k}_memory_over_mezo_paper"] = FOCUS_TABLE2_GB[k] / FOCUS_TABLE2_GB["mezo"]
+    rec.add("b", "FOCUS Table 2 ratios (random weights)", "ok", **out)
 
 
 # ----------------------------------------------------------------------------- part c: offloaded HZO
@@ -1200,6 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
         budget.begin_part(s.part_budget[part] / share, spent)
         if part == "b":
             checks = [(f"bench {shape}", lambda shape=shape: bench_shape(s, rec, budget, shape)) for shape in s.bench_shapes]
+            checks.append(("FOCUS Table 2", lambda: focus_table2(s, rec, budget)))
             for name, fn in checks:
                 run_check(name, part, fn, rec)
         else:
