@@ -114,6 +114,7 @@ class Settings:
         self.parts = parts
         self.gguf = gguf
         self.data_dir = data_dir
+        self.live_predictions = dry
         if dry:
             self.vocab = TINY_VOCAB
             self.check_shape, self.overlap_shape = "tiny-opt", "tiny-opt"
@@ -537,12 +538,13 @@ DRY_UNPREDICTED = {"prediction": "prediction unavailable: the dry run predicts o
 _PACKED: dict | None = None
 
 
-def predicted_peak(overrides: list[str], packed: bool = True) -> dict:
+def predicted_peak(overrides: list[str], packed: bool = True, live: bool = True) -> dict:
     """``zoexp.memory.predict`` (the fake-tensor prediction), or why it is unavailable (never silent).
 
-    The prediction needs no GPU, only CPU time (seconds per paper-scale model): ``make gpu-pack``
-    computes the GPU run's predictions beforehand into .gpucheck/predictions.json, and the device run
-    reads them from there; an override list not found there is predicted on the spot."""
+    The prediction needs no GPU, only CPU time (10-60 s per paper-scale model on a development machine):
+    ``make gpu-pack`` computes the GPU run's predictions beforehand into .gpucheck/predictions.json and
+    the device run reads them from there. An override list not found there is predicted on the spot
+    only if ``live`` (``--live-predictions``): nineteen of them would eat the device's minutes."""
     global _PACKED
     if packed:
         if _PACKED is None:
@@ -553,6 +555,9 @@ def predicted_peak(overrides: list[str], packed: bool = True) -> dict:
         hit = _PACKED.get(" ".join(overrides))
         if hit is not None:
             return {**hit, "prediction_source": "packed (.gpucheck/predictions.json)"}
+        if not live:
+            return {"prediction": "prediction unavailable: not in .gpucheck/predictions.json (make gpu-pack "
+                                  "computes it; --live-predictions computes it on the device)"}
     t0 = time.perf_counter()
     out = _predict_now(overrides)
     out["prediction_s"] = round(time.perf_counter() - t0, 2)
@@ -940,7 +945,8 @@ def bench_shape(s: Settings, rec: Recorder, budget: Budget, shape: str, methods=
     for method in methods:
         name = f"{shape}{label} {method}"
         pred = (DRY_UNPREDICTED if s.dry and method != "mezo"
-                else predicted_peak(prediction_overrides(s, shape, method, batch_size=bs), packed=not s.dry))
+                else predicted_peak(prediction_overrides(s, shape, method, batch_size=bs), packed=not s.dry,
+                                    live=s.live_predictions))
         need = pred.get("predicted_peak_bytes") or estimate_peak(s, shape, method, bs)
         if need > 0.97 * capacity:
             rec.add("b", name, "skipped", model=shape, method=method, reason=f"would need {need / GiB:.1f} GiB "
@@ -1059,7 +1065,8 @@ def offload_runs(s: Settings, rec: Recorder, budget: Budget) -> None:
     for offload in (True, False):
         name = f"{shape} hzo {'offloaded (ring 3)' if offload else 'on the device'}"
         pred = (DRY_UNPREDICTED if s.dry and not offload
-                else predicted_peak(prediction_overrides(s, shape, "hzo", offload=offload), packed=not s.dry))
+                else predicted_peak(prediction_overrides(s, shape, "hzo", offload=offload), packed=not s.dry,
+                                    live=s.live_predictions))
         if not offload:
             need = pred.get("predicted_peak_bytes") or estimate_peak(s, shape, "hzo")
             if need > 0.95 * device_memory(s):
@@ -1229,12 +1236,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", type=Path, default=None, help="real-weights GGUF (default .gpucheck/*.gguf)")
     ap.add_argument("--data-dir", type=Path, default=None, help="folder with sst2/{train,validation}.jsonl")
     ap.add_argument("--host-ram-gib", type=float, default=None, help="host memory for part c (default 128 GiB on GPU)")
+    ap.add_argument("--live-predictions", action="store_true",
+                    help="predict memory on the device where .gpucheck/predictions.json lacks an entry (slow)")
     args = ap.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
         print("no CUDA device: run with --dry (or `make gpu-check DRY=1`)", file=sys.stderr)
         return 2
     s = Settings(args.dry, args.budget_s or (300.0 if args.dry else 420.0), args.parts, args.gguf, args.data_dir,
                  int(args.host_ram_gib * GiB) if args.host_ram_gib else None)
+    s.live_predictions = args.live_predictions or args.dry
     if args.dry:
         torch.set_num_threads(1)  # tiny shapes: threads only wait for each other (and for a loaded machine)
     rec = Recorder(args.out, s)
