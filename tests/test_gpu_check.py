@@ -34,7 +34,7 @@ def test_dry_run_passes_every_part(dry_run):
     entries = doc["entries"]
     bad = [(e["name"], e["status"], e.get("reason")) for e in entries if e["status"] not in ("ok", "skipped")]
     assert not bad, bad
-    assert {e["part"] for e in entries} == {"a", "b", "c", "d"}
+    assert {e["part"] for e in entries} == {"a", "b", "c", "d", "e"}
     skipped = [e["name"] for e in entries if e["status"] == "skipped"]
     assert skipped == ["upload/compute/offload overlap (CUDA events)"]  # the one CUDA-only measurement
     bench = {e.get("method") for e in entries if e["part"] == "b"}
