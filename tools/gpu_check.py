@@ -4,7 +4,7 @@
     make gpu-check DRY=1                            # the same code path on CPU, tiny shapes, seconds
     python tools/gpu_check.py --dry --out DIR       # what `make gpu-check DRY=1` runs
 
-Four parts, each with its own time budget (an entry that would start after its part's budget, or the
+Five parts, each with its own time budget (an entry that would start after its part's budget, or the
 whole budget, is written as skipped, with the reason):
 
   a  the CUDA test subset: offloaded == plain with streams and pinned memory; fp16 and bf16 steps of
