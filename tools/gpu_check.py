@@ -13,6 +13,7 @@ whole budget, is written as skipped, with the reason):
   b  the benchmark on paper-shaped OPT models (OPT-1.3B and OPT-13B dims, random weights, fp16):
      forward and step time, overhead ratio, tokens/s, torch.cuda.max_memory_allocated against
      ``zoexp.memory.predict`` (the fake-tensor prediction; 'prediction unavailable: ...' if absent);
+     FOCUS Table 2's runs (OPT-1.3B, ZO batch 8, SGD batch 2) and its claims as ratios to MeZO;
   c  HZO with offloading on the largest OPT shape whose host copy fits the machine's memory: device
      peak and tokens/s, against the non-offloaded run where that fits on the device;
   d  a short real-weights run: SmolLM2-135M truncated to its first layers (its own quantised tensors,

@@ -140,10 +140,14 @@ def travelling_bytes() -> dict:
     def size(paths) -> int:
         return sum((REPO / p).stat().st_size for p in paths if (REPO / p).is_file())
 
+    def tree(folder: Path) -> int:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
     tracked, untracked = size(listed()), size(listed("--others", "--exclude-standard"))
-    carried = sum(f.stat().st_size for f in PACK.rglob("*") if f.is_file()) if PACK.exists() else 0
-    return {"tracked": tracked, "untracked": untracked, "carried .gpucheck": carried,
-            "total": tracked + untracked + carried, "limit": LIMIT}
+    shared = 0 if (REPO / "shared").is_symlink() else tree(REPO / "shared")  # a shared/ inside travels too
+    carried = tree(PACK)
+    return {"tracked": tracked, "untracked": untracked, "shared/": shared, "carried .gpucheck": carried,
+            "total": tracked + untracked + shared + carried, "limit": LIMIT}
 
 
 def main() -> int:
