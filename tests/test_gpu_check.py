@@ -40,6 +40,8 @@ def test_dry_run_passes_every_part(dry_run):
     bench = {e.get("method") for e in entries if e["part"] == "b"}
     assert bench == set(gpu_check.BENCH_METHODS) | {"sgd", None}  # sgd: FOCUS Table 2; None: its ratios
     assert any(e["name"].startswith("FOCUS Table 2 ratios") and e["status"] == "ok" for e in entries)
+    table4 = [e for e in entries if e["name"].startswith("HZO Table 4")]
+    assert table4 and table4[0]["hzo_run"] == "offloaded (part c)" and table4[0]["hzo_over_mezo_tokens_per_s"] > 0
     assert {e["offload"] for e in entries if e["part"] == "c" and "offload" in e} == {True, False}
     assert doc["meta"]["mode"].startswith("dry")
     assert "## b. Paper-shaped benchmark" in (out / "gpu_check.md").read_text()

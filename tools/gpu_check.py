@@ -1116,11 +1116,55 @@ def offload_runs(s: Settings, rec: Recorder, budget: Budget) -> None:
             held.clear()
             model = opt = off = None
             free()
-    done = {e["offload"]: e for e in rec.entries if e["part"] == "c" and e["status"] == "ok"}
+    done = {e["offload"]: e for e in rec.entries if e["part"] == "c" and e["status"] == "ok" and "offload" in e}
     if True in done and False in done:
         a, b = done[True], done[False]
         rec.add("c", f"{shape} offloaded vs on the device", "ok", tokens_per_s_ratio=a["tokens_per_s"] / b["tokens_per_s"],
                 peak_ratio=(a["peak_allocated_bytes"] / b["peak_allocated_bytes"]) if b.get("peak_allocated_bytes") else None)
+
+
+# HZO Table 4, FP16 columns: GPU memory (GB) and throughput (tokens/s) of MeZO and HZO (offloaded)
+HZO_TABLE4_FP16 = {
+    "opt-1.3b": {"mezo_gb": 5.68, "hzo_gb": 3.64, "mezo_tokens_per_s": 6629, "hzo_tokens_per_s": 6448},
+    "opt-2.7b": {"mezo_gb": 8.84, "hzo_gb": 4.04, "mezo_tokens_per_s": 4229, "hzo_tokens_per_s": 4220},
+    "opt-6.7b": {"mezo_gb": 16.20, "hzo_gb": 4.88, "mezo_tokens_per_s": 2349, "hzo_tokens_per_s": 2270},
+    "opt-13b": {"mezo_gb": 28.99, "hzo_gb": 6.04, "mezo_tokens_per_s": 1326, "hzo_tokens_per_s": 1251},
+    "opt-30b": {"mezo_gb": 62.40, "hzo_gb": 8.65, "mezo_tokens_per_s": 641, "hzo_tokens_per_s": 514},
+    "opt-66b": {"mezo_gb": 126.33, "hzo_gb": 11.79, "mezo_tokens_per_s": 325, "hzo_tokens_per_s": 273},
+}
+
+
+def hzo_table4_summary(rec: Recorder) -> None:
+    """Our MeZO (part b) and offloaded HZO (part c, else part b's HZO on the device) beside HZO Table 4's
+    FP16 columns; the paper gives neither its sequence length nor its GPU, so the ratios compare best."""
+    measured = {e.get("model") for e in rec.entries if e["part"] in "bc" and e["status"] == "ok"} - {None}
+    for shape in sorted(measured, key=lambda x: param_count(x, OPT_VOCAB)):
+        paper = HZO_TABLE4_FP16.get(shape, {})  # the dry run's tiny model has no paper row
+        mezo = next((e for e in rec.entries if e["part"] == "b" and e["status"] == "ok" and e.get("model") == shape
+                     and e.get("method") == "mezo" and not e.get("label")), None)
+        hzo = next((e for e in rec.entries if e["part"] == "c" and e["status"] == "ok" and e.get("model") == shape
+                    and e.get("offload") is True), None)
+        where = "offloaded (part c)"
+        if hzo is None:
+            hzo = next((e for e in rec.entries if e["part"] == "b" and e["status"] == "ok" and e.get("model") == shape
+                        and e.get("method") == "hzo" and not e.get("label")), None)
+            where = "on the device (part b)"
+        if mezo is None and hzo is None:
+            continue
+        row = {"model": shape, "hzo_run": where if hzo else None, **{f"paper_{k}": v for k, v in paper.items()}}
+        for name, e in (("mezo", mezo), ("hzo", hzo)):
+            if e is not None:
+                row[f"{name}_tokens_per_s"] = e["tokens_per_s"]
+                if e.get("peak_allocated_bytes"):
+                    row[f"{name}_gb"] = e["peak_allocated_bytes"] / 1e9
+        if mezo and hzo:
+            row["hzo_over_mezo_tokens_per_s"] = hzo["tokens_per_s"] / mezo["tokens_per_s"]
+            if paper:
+                row["paper_hzo_over_mezo_tokens_per_s"] = paper["hzo_tokens_per_s"] / paper["mezo_tokens_per_s"]
+                row["paper_hzo_over_mezo_memory"] = paper["hzo_gb"] / paper["mezo_gb"]
+            if row.get("mezo_gb") and row.get("hzo_gb"):
+                row["hzo_over_mezo_memory"] = row["hzo_gb"] / row["mezo_gb"]
+        rec.add("c", f"HZO Table 4 FP16 beside the paper ({shape})", "ok", **row)
 
 
 # ----------------------------------------------------------------------------- part d: real weights
@@ -1215,7 +1259,7 @@ PARTS = [
     ("a", [("offloaded == plain", check_offload_equals_plain), ("fp16/bf16 steps", check_half_steps),
            ("fp16 restore", check_restore_fp16), ("overlap", check_overlap)]),
     ("b", None),
-    ("c", [("offloaded hzo", offload_runs)]),
+    ("c", [("offloaded hzo", offload_runs), ("HZO Table 4 summary", lambda s, rec, budget: hzo_table4_summary(rec))]),
     ("d", [("real weights", real_weights)]),
     # last: should NCCL hang or abort the process in the lent machine's sandbox, nothing else is lost
     ("e", [("collectives", check_collectives)]),
