@@ -678,7 +678,7 @@ def check_offload_equals_plain(s: Settings, rec: Recorder, budget: Budget) -> No
         rec.add("a", name, "ok" if ok else "FAIL", model=s.check_shape, max_rel_loss_diff=worst,
                 worst_weight=worst_param, pinned_buckets=pinned, streams=off.sync.cuda,
                 uploads=off.uploads, offloads=off.offloads, max_in_ring=off.max_in_ring,
-                offloaded_peak_allocated_bytes=mem["peak_allocated_bytes"],
+                peak_allocated_bytes_both_models=mem["peak_allocated_bytes"],  # the plain model shares the device
                 **{k: v for k, v in off.device_bytes().items() if k in ("offload/device_param_bytes", "offload/block_bytes")})
         off.close()
         del plain, model, a, b, off
