@@ -1232,7 +1232,7 @@ def real_weights(s: Settings, rec: Recorder, budget: Budget) -> None:
         enc = Encoder(tok, max_length=256)
 
         acc0 = _accuracy(model, enc, data.test, tok.pad_token_id)
-        opt = make_method("mezo", model, seed=0, lr=1e-5)
+        opt = make_method("mezo", model, seed=0, lr=1e-6)  # MeZO's OPT learning rate
         losses, bs = [], 4 if s.dry else 16
         steps = 2 if s.dry else 20
         reset_peak(s.device)
