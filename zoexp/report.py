@@ -183,7 +183,8 @@ def rows_path(name: str, profile: str, results_dir: str | Path = "results") -> P
 def load_rows(name: str, profile: str, path: str | Path | None = None, results_dir: str | Path = "results") -> list[dict]:
     """The rows of table ``name`` made under ``profile``; a job run twice counts once (its latest row)."""
     path = Path(path) if path else rows_path(name, profile, results_dir)
-    rows = [r for r in read_rows(path) if r.get("experiment") == name and r.get("profile") == profile]
+    rows = [r for r in read_rows(path) if r.get("experiment") == name and r.get("profile") == profile
+            and r.get("status") != "predicted"]  # run.dry_run=memory rows: `zoexp-report memory` (zoexp.memory_tables)
     latest: dict[str, dict] = {}
     unkeyed = []
     for row in rows:
@@ -743,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoexp-report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="tables: " + ", ".join(table_names()))
-    parser.add_argument("tables", nargs="+", help="table names (see below), or `all`")
+    parser.add_argument("tables", nargs="+", help="table names (see below), or `all`, or `memory` (predicted memory tables)")
     parser.add_argument("--profile", default="cpu", choices=PROFILES)
     parser.add_argument("--results-dir", default="results", help="where the sweeps wrote rows (default: results)")
     parser.add_argument("--rows", default=None, help="read rows from this JSON-lines file instead")
@@ -751,6 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.tables == ["memory"]:  # predicted memory tables (zoexp.memory_tables, docs/memory.md)
+        from zoexp.memory_tables import ROWS_FILE, render_tables
+        from zoexp.memory_tables import load_rows as predicted_rows
+
+        print(render_tables(predicted_rows(Path(args.rows) if args.rows else ROWS_FILE)))
+        return 0
     names = table_names() if args.tables == ["all"] else args.tables
     status = 0
     for name in names:

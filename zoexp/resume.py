@@ -57,6 +57,7 @@ PLACEMENT_KEYS = {
     "run.checkpoint_every", "run.checkpoint_keep", "run.keep_checkpoints",
     "run.distributed", "run.dist_backend", "run.dist_timeout_min", "run.eval_batch_size",
     "model.device_map", "model.max_memory", "method.noise_threads",
+    "run.dry_run", "run.memory_check", "model.architecture",  # zoexp.memory: prediction, not trajectory
 }
 
 

@@ -280,6 +280,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     preemption signal saves a checkpoint, writes a ``preempted`` row and raises ``Preempted``."""
     given = run_dir or cfg.run.get("dir")
     run_dir = Path(given or ".")
+    if cfg.run.get("dry_run"):  # run.dry_run=memory: a `predicted` row from fake tensors (zoexp.memory)
+        from zoexp.memory import dry_run
+
+        return dry_run(cfg, run_dir)
     # [scale-out] data parallel when launched by torchrun (zoexp.distributed); continue a checkpoint of
     # the run directory if there is one, or return the row of a run that already finished there
     # (zoexp.resume) -- only for a directory given explicitly (the CLI's, or run.dir), never the cwd
@@ -367,6 +371,9 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
     loss_kind = training_loss(cfg, task)
 
     offload = bool(cfg.run.get("offload", False))
+    from zoexp.memory import check_fits
+
+    check_fits(cfg, device, row)  # on CUDA: stop now if the predicted peak exceeds the free memory
     with meter.phase("load"):  # offloaded runs load on the host; enable_offload moves the rest
         model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.run.dtype),
                                       device=torch.device("cpu") if offload else device)
