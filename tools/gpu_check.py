@@ -544,10 +544,10 @@ _PACKED: dict | None = None
 def predicted_peak(overrides: list[str], packed: bool = True, live: bool = True) -> dict:
     """``zoexp.memory.predict`` (the fake-tensor prediction), or why it is unavailable (never silent).
 
-    The prediction needs no GPU, only CPU time (10-60 s per paper-scale model on a development machine):
+    The prediction needs no GPU, only CPU time (1-22 s per paper-scale model on a development machine):
     ``make gpu-pack`` computes the GPU run's predictions beforehand into .gpucheck/predictions.json and
     the device run reads them from there. An override list not found there is predicted on the spot
-    only if ``live`` (``--live-predictions``): nineteen of them would eat the device's minutes."""
+    only if ``live`` (``--live-predictions``): nineteen of them would eat minutes of the device's time."""
     global _PACKED
     if packed:
         if _PACKED is None:
