@@ -4,6 +4,8 @@
 #   make test-slow   real-model tests (minutes)
 #   make reproduce-table3 PROFILE=cpu      FOCUS Table 3: sweep, then report (also reproduce-<paper>-table<N>)
 #   make report PROFILE=cpu                re-render every table and figure from existing rows
+#   make gpu-check DRY=1   the GPU check's code path on CPU, tiny shapes (docs/gpu.md); without DRY, on a GPU
+#   make gpu-pack          pack .gpucheck/ (wheels, real-weights GGUF, SST-2 rows) for a lent GPU machine
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +15,7 @@ TORCH_VERSION ?= 2.13.0
 ZOEXP_DATA_DIR ?= $(abspath $(firstword $(wildcard ../shared/data shared/data)))
 export ZOEXP_DATA_DIR
 
-.PHONY: setup test test-slow demo lint bench clean report reproduce-table3 reproduce-all
+.PHONY: setup test test-slow demo lint bench clean report reproduce-table3 reproduce-all gpu-check gpu-pack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +73,22 @@ report: setup
 	$(BIN)/zoexp-report all --profile $(PROFILE)
 
 lint: setup
-	$(BIN)/ruff check zoexp tests hydra_plugins
+	$(BIN)/ruff check zoexp tests hydra_plugins tools
+
+# ---- the GPU check (docs/gpu.md). DRY=1: CPU, tiny shapes, the same script (the test suite runs it too).
+# Without DRY it runs tools/gpu_check.sh, which is also what the device tool runs on a lent GPU (no make
+# needed there): it installs .gpucheck/wheels with the image's python3 and writes to $(OUT).
+DRY ?=
+OUT ?= $(if $(DRY),/tmp/zoexp-gpu-check-dry,results/gpu/latest)
+gpu-check: $(if $(filter 1,$(DRY)),setup)
+ifeq ($(DRY),1)
+	$(BIN)/python tools/gpu_check.py --dry --out $(OUT)
+else
+	OUT=$(OUT) bash tools/gpu_check.sh
+endif
+
+gpu-pack: setup
+	$(BIN)/python tools/gpu_pack.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
