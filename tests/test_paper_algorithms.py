@@ -197,3 +197,17 @@ def test_every_hzo_table_passes_the_printed_lr_under_one_convention():
             seen += 1
             assert any(math.isclose(lr, x, rel_tol=1e-9) for x in printed), (path.name, lr)
     assert seen >= 5
+
+
+def test_block_activation_figure_is_drawn_from_focus_rows(tmp_path):
+    from zoexp.figures import draw_blocks
+
+    q = BlockQuadratic(n_blocks=4, scales=NEG)
+    opt = FOCUS(q.groups(), lr=1e-3, interval=2, rule="random", active_blocks=1)
+    for _ in range(12):
+        opt.step(q)
+    row = {"status": "ok", "method": "focus", "task": "sst2", "seed": 0, "hparams": {"active_blocks": 1},
+           **opt.row_fields()}
+    out = draw_blocks({"title": "blocks", "select": {"method": "focus"}}, {}, [row], tmp_path / "fig", "smoke")
+    assert [p.suffix for p in out] == [".png", ".pdf"] and all(p.stat().st_size > 0 for p in out)
+    assert draw_blocks({"title": "none"}, {}, [], tmp_path / "empty", "smoke")  # no rows: says so on the plot
