@@ -12,7 +12,7 @@ import torch
 from toys import BlockQuadratic, Quadratic, flat
 
 from zoexp.methods import FOCUS
-from zoexp.methods.selection import BlockSelector, bandit_update, kl_projection, systematic_sample
+from zoexp.methods.selection import BlockSelector, bandit_update_clipped, kl_projection, systematic_sample
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,18 +41,25 @@ def test_only_active_blocks_and_embed_head_change(rule):
         assert not torch.equal(before["embed"], after["embed"]) and not torch.equal(before["head"], after["head"])
         for b in range(q.n_blocks):
             same = all(torch.equal(x, y) for x, y in zip(before["blocks"][b], after["blocks"][b]))
+            if rule == "gsd" and b not in active and opt.steps_done % 3 == 1:
+                # the greedy rule's probe perturbs every block at a selection and restores it (within rounding)
+                assert all(_ulps(x, y).max() <= 2 for x, y in zip(before["blocks"][b], after["blocks"][b]))
+                continue
             assert same == (b not in active), (rule, b, active)
 
 
 def test_loss_falls_on_a_block_quadratic():
-    for rule in ("cyclic", "gsd-bandit"):
+    # the printed Alg. 6 (Score² / p², not scale-free) concentrates p on two blocks within a few intervals
+    # here whatever alpha_p; the others keep only p_min, so that run gets the looser bound
+    for rule, extra in (("cyclic", {}), ("gsd-bandit", {"bandit": "interval-mean"}), ("gsd-bandit", {}),
+                        ("gsd", {})):
         q = BlockQuadratic(n_blocks=6)
         start = q().item()
         opt = FOCUS(q.groups(), lr=1e-2, eps=1e-3, hessian_smooth=1e-3, interval=5, rule=rule, p_min=0.05,
-                    bandit_lr=1e-2, noise_threads=1)
+                    **{"bandit_lr": 1e-2, **extra}, noise_threads=1)
         for _ in range(400):
             opt.step(q)
-        assert q().item() < 0.2 * start, rule
+        assert q().item() < (0.5 if rule == "gsd-bandit" and not extra else 0.2) * start, rule
 
 
 def test_restore_after_three_perturbations_within_rounding():
@@ -86,7 +93,7 @@ def test_hessian_exists_only_for_active_blocks_and_is_released():
     q = BlockQuadratic(n_blocks=5, shape=(6, 4))
     opt = FOCUS(q.groups(), lr=1e-2, hessian_smooth=0.2, active_blocks=2, interval=2, rule="cyclic")
     per_block = sum(p.numel() * 4 for p in q.block_params(0))
-    selector = 2 * 5 * 8 + 2 * 5 * 8  # probs, last scores, score sums, score counts (float64)
+    selector = 2 * 5 * 8 + 2 * 5 * 8 + 4 * 5 * 8  # probs, last scores, score sums and counts, row statistics (float64)
     sizes = []
     for _ in range(12):
         opt.step(q)
@@ -143,7 +150,7 @@ def test_random_rule_is_deterministic_under_a_seed():
 
 
 def test_greedy_gsd_picks_the_largest_scores_and_tries_every_block_first():
-    sel = BlockSelector(6, 2, rule="gsd")
+    sel = BlockSelector(6, 2, rule="gsd", gsd_scores="last")  # the earlier rule: last interval-mean scores
     gen = torch.Generator().manual_seed(0)
     first = []
     for _ in range(3):  # never-observed blocks score +inf: the first D/k selections visit every block
@@ -157,7 +164,7 @@ def test_greedy_gsd_picks_the_largest_scores_and_tries_every_block_first():
 
 
 def test_bernoulli_includes_each_block_with_probability_k_over_n():
-    sel = BlockSelector(10, 3, rule="bernoulli")
+    sel = BlockSelector(10, 3, rule="bernoulli", bernoulli_probs="uniform")
     gen = torch.Generator().manual_seed(1)
     counts = torch.zeros(10)
     sizes = []
@@ -175,7 +182,7 @@ def test_gsd_score_estimates_the_block_gradient_norm():
     # Block 3's curvature is 10x, so its gradient dominates and its score is well above the others'.
     q = BlockQuadratic(n_blocks=4, shape=(3, 2), n_vec=3, scales=[1, 1, 1, 10])
     opt = FOCUS(q.groups(), lr=0.0, eps=1e-3, hessian_smooth=0.0, active_blocks=4, interval=10**6, rule="gsd",
-                noise_threads=1)
+                gsd_scores="last", noise_threads=1)
     for _ in range(2000):
         opt.step(q)
     scores = opt.block_scores()
@@ -188,7 +195,7 @@ def test_gsd_score_estimates_the_block_gradient_norm():
 def test_gsd_bandit_prefers_the_important_block_on_a_quadratic():
     q = BlockQuadratic(n_blocks=4, shape=(3, 2), n_vec=3, scales=[1, 1, 1, 30])
     opt = FOCUS(q.groups(), lr=0.0, eps=1e-3, hessian_smooth=0.0, active_blocks=1, interval=20,
-                rule="gsd-bandit", p_min=0.05, bandit_lr=1e-2, noise_threads=1)
+                rule="gsd-bandit", p_min=0.05, bandit_lr=1e-2, bandit="interval-mean", noise_threads=1)
     for _ in range(1000):
         opt.step(q)
     probs = opt.selector.probs
@@ -310,7 +317,7 @@ def test_bandit_distribution_stays_valid_and_rewards_high_scores():
     for _ in range(300):
         picked = systematic_sample(probs, gen)
         scores = {d: float(torch.rand((), generator=gen)) * (10.0 if d == 7 else 1.0) for d in picked}
-        probs = bandit_update(probs, scores, lr=1e-3, p_min=p_min, k=k, bound=10.0)
+        probs = bandit_update_clipped(probs, scores, lr=1e-3, p_min=p_min, k=k, bound=10.0)
         assert abs(float(probs.sum()) - k) < 1e-9
         assert float(probs.min()) >= p_min - 1e-12 and float(probs.max()) <= 1 + 1e-12
     assert int(probs.argmax()) == 7
@@ -318,11 +325,11 @@ def test_bandit_distribution_stays_valid_and_rewards_high_scores():
 
 def test_bandit_step_moves_mass_toward_the_larger_score():
     probs = torch.full((6,), 2 / 6, dtype=torch.float64)
-    new = bandit_update(probs, {1: 5.0, 4: 1.0}, lr=1e-2, p_min=0.01, k=2, bound=5.0)
+    new = bandit_update_clipped(probs, {1: 5.0, 4: 1.0}, lr=1e-2, p_min=0.01, k=2, bound=5.0)
     assert new[1] > probs[1] and new[1] > new[4]  # the larger score gains the most
     assert all(new[4] > new[d] for d in (0, 2, 3, 5))  # a positive score beats no observation
     assert all(new[d] < probs[d] for d in (0, 2, 3, 5))  # unobserved blocks give up mass
-    assert torch.allclose(bandit_update(probs, {}, lr=1e-2, p_min=0.01, k=2, bound=5.0), probs, atol=1e-12)
+    assert torch.allclose(bandit_update_clipped(probs, {}, lr=1e-2, p_min=0.01, k=2, bound=5.0), probs, atol=1e-12)
 
 
 def test_systematic_sampling_has_the_requested_inclusion_probabilities():

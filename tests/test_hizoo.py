@@ -28,8 +28,9 @@ def _rel_err(opt, q) -> float:
 
 def test_hessian_estimate_moves_to_the_true_diagonal_and_loss_falls():
     # separable quadratic: ∇²L = diag(a) exactly; D starts at 1, a is in [0.5, 4.5]
+    # (the signed EMA: Eq. 3's |Σ̂| is biased upward, see test_printed_eq3_estimate_is_biased_upward...)
     q = Quadratic(shape=(2, 2), n_vec=2)
-    opt = HiZOO(q.groups(), lr=1e-2, eps=1e-3, hessian_smooth=2e-3, noise_threads=1)
+    opt = HiZOO(q.groups(), lr=1e-2, eps=1e-3, hessian_smooth=2e-3, hessian_update="signed", noise_threads=1)
     start_err, start_loss = _rel_err(opt, q), q().item()
     errors = []
     for i in range(3000):
@@ -41,44 +42,58 @@ def test_hessian_estimate_moves_to_the_true_diagonal_and_loss_falls():
     assert q().item() < 1e-3 * start_loss
 
 
-def test_one_step_hessian_update_matches_the_formula():
-    # D' = clamp(|(1 − α) D + α |ΔL|/(2ε²) · D (z² − 1)|), with the z of this step and the old D
+@pytest.mark.parametrize("update", ["printed", "signed", "legacy"])
+def test_one_step_hessian_update_matches_the_formula(update):
+    # Σ̂ = ΔL/(2ε²) · D (z² − 1) with the signed ΔL, the z of this step and the old D; then
+    # printed (Eq. 3): (1 − α) D + α |Σ̂|; signed: |(1 − α) D + α Σ̂|; legacy: |(1 − α) D + α |ΔL|/(2ε²) D (z² − 1)|
     q = Quadratic(shape=(5, 4), n_vec=3)
-    opt = HiZOO(q.groups(), lr=1e-2, eps=1e-2, hessian_smooth=0.05, hessian_min=0.5, hessian_max=2.0)
+    with torch.no_grad():
+        q.a_w[:2].mul_(-1.0)  # indefinite, so ΔL takes both signs
+    opt = HiZOO(q.groups(), lr=1e-2, eps=1e-2, hessian_smooth=0.05, hessian_min=0.5, hessian_max=2.0,
+                hessian_update=update)
     for p in q.parameters():
         opt.hessian(p).uniform_(0.6, 1.5)
-    d0 = [opt.hessian(p).clone() for p in q.parameters()]
-    seed = opt.step_seed()
-    opt.step(q)
-    m = opt.metrics()
-    c = abs(m["loss_plus"] + m["loss_minus"] - 2 * m["loss_0"]) / (2 * 1e-2**2)
-    for (key, p), d in zip(opt.items(), d0):
-        z = reference_noise(p.shape, key, seed)
-        expected = ((1 - 0.05) * d + 0.05 * c * d * (z * z - 1)).abs().clamp(0.5, 2.0)
-        assert torch.allclose(opt.hessian(p), expected, rtol=1e-5)
+    for _ in range(3):
+        d0 = [opt.hessian(p).clone() for p in q.parameters()]
+        seed = opt.step_seed()
+        opt.step(q)
+        m = opt.metrics()
+        c = (m["loss_plus"] + m["loss_minus"] - 2 * m["loss_0"]) / (2 * 1e-2**2)
+        for (key, p), d in zip(opt.items(), d0):
+            z = reference_noise(p.shape, key, seed)
+            est = c * d * (z * z - 1)
+            expected = {"printed": (1 - 0.05) * d + 0.05 * est.abs(), "signed": ((1 - 0.05) * d + 0.05 * est).abs(),
+                        "legacy": ((1 - 0.05) * d + 0.05 * abs(c) * d * (z * z - 1)).abs()}[update].clamp(0.5, 2.0)
+            assert torch.allclose(opt.hessian(p), expected, rtol=1e-5)
 
 
 def test_one_step_hessian_estimate_is_unbiased():
-    # From D = 1 with α = 0.01, one step gives D' = 0.99 + 0.01 Ĥ: recover Ĥ; its mean over seeds is diag(a)
-    # (Ĥ is heavy-tailed, std ≈ 14 here: the tolerance is 4 standard errors; the public code's
-    # |ΔL| z²/D / 2ε² would average (3 a_i + Σ_{j≠i} a_j)/2 ≈ 6 and fail)
+    # The signed variant on an INDEFINITE quadratic (a convex one has ΔL > 0 always, so |ΔL| = ΔL and the
+    # test could not tell the signed estimate from |ΔL|'s): from D = 1 with α = 1e-3, one step gives
+    # D' = (1 − α) + α Ĥ: recover Ĥ; its mean over seeds is diag(a), negative entries included
+    # (Ĥ is heavy-tailed: the tolerance is 4 standard errors)
     q = Quadratic(shape=(3, 1), n_vec=1)
-    opt = HiZOO(q.groups(), lr=0.0, eps=1e-2, hessian_smooth=0.01, noise_threads=1)
+    with torch.no_grad():
+        q.a_w[0].mul_(-1.0)
+    opt = HiZOO(q.groups(), lr=0.0, eps=1e-2, hessian_smooth=1e-3, hessian_update="signed", state_dtype="float64",
+                hessian_min=None, hessian_max=None, noise_threads=1)
     samples = []
     for _ in range(2000):
         for p in q.parameters():
             opt.hessian(p).fill_(1.0)
         opt.step(q)
-        samples.append((_hessian(opt, q) - 0.99) / 0.01)
+        samples.append((_hessian(opt, q) - 0.999) / 1e-3)
     s = torch.stack(samples)
-    err = (s.mean(0) - flat(q.a_w, q.a_b)).abs()
-    assert torch.all(err < 4 * s.std(0) / len(s) ** 0.5), (s.mean(0), flat(q.a_w, q.a_b))
+    true = flat(q.a_w, q.a_b).double()
+    assert true.min() < 0
+    err = (s.mean(0) - true).abs()
+    assert torch.all(err < 4 * s.std(0) / len(s) ** 0.5), (s.mean(0), true)
 
 
 def test_printed_eq3_estimate_is_biased_upward_but_positive_and_bounded():
-    # abs_estimate=True averages |Ĥ|: E|Ĥ| > E[Ĥ] = a, so D overshoots the true diagonal
+    # Eq. 3 as printed (the default) averages |Σ̂|: E|Σ̂| > E[Σ̂] = a, so D overshoots the true diagonal
     q = Quadratic(shape=(3, 1), n_vec=1)
-    opt = HiZOO(q.groups(), lr=0.0, eps=1e-2, hessian_smooth=2e-3, abs_estimate=True, hessian_max=50.0,
+    opt = HiZOO(q.groups(), lr=0.0, eps=1e-2, hessian_smooth=2e-3, hessian_max=50.0,
                 noise_threads=1)
     for _ in range(2500):
         opt.step(q)

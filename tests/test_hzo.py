@@ -48,9 +48,10 @@ def test_updates_of_one_period_have_rank_at_most_r_and_the_next_period_leaves_th
 
 
 def test_estimate_is_unbiased_with_the_1_over_r_scaling():
-    # E[<G, UVᵀ> UVᵀ] = r G for Gaussian U, V: the 1/r makes c·UVᵀ/r unbiased (HZO Eq. 5)
-    q = Quadratic(shape=(5, 4), n_vec=4, dtype=torch.float64)
-    r = 4
+    # E[<G, UVᵀ> UVᵀ] = r G for Gaussian U, V: the 1/r makes c·UVᵀ/r unbiased (HZO Eq. 5), with
+    # r < min(m, n) (r = n would be a special case: UVᵀ then spans every column direction)
+    q = Quadratic(shape=(9, 7), n_vec=4, dtype=torch.float64)
+    r = 3
     opt = _pure(q, lr=0.0, eps=1e-6, rank=r, interval=1)
     (key, w), _ = list(opt.items())
     total = torch.zeros_like(w)
@@ -61,14 +62,15 @@ def test_estimate_is_unbiased_with_the_1_over_r_scaling():
         total += opt.metrics()["proj_grad"] * (u @ v.T) / r
     estimate, true = (total / n).flatten(), q.grad()[0].flatten()
     assert torch.nn.functional.cosine_similarity(estimate, true, dim=0).item() > 0.95
-    assert 0.85 < (estimate.norm() / true.norm()).item() < 1.15  # without 1/r the ratio would be ~r = 4
+    assert 0.85 < (estimate.norm() / true.norm()).item() < 1.15  # without 1/r the ratio would be ~r = 3
 
 
 @pytest.mark.parametrize("t_check", [0, 1, 4, 5])  # resample steps (0, 5) and steps inside a period
 def test_update_uses_exactly_the_u_and_v_of_its_finite_difference(t_check):
     # LOZO's public trainer redraws U after V on resample steps, so its update direction differs from the
     # perturbation it measured. Here: L₊ is exactly L(X + εUVᵀ) and ΔX is exactly −α c UVᵀ / r for the
-    # same U, V, regenerated independently from their public definition.
+    # same U, V, regenerated independently from their public definition. lr is the tables' α/r
+    # (lr_convention=alpha_over_r): ΔX = −(α/r) c UVᵀ = −lr c UVᵀ.
     q = Quadratic(shape=(12, 9), n_vec=9, dtype=torch.float64)
     lr, eps, r = 1e-2, 1e-3, 3
     opt = _pure(q, lr=lr, eps=eps, rank=r, interval=5)
@@ -86,7 +88,7 @@ def test_update_uses_exactly_the_u_and_v_of_its_finite_difference(t_check):
     m = opt.metrics()
     assert m["loss_plus"] == pytest.approx(q_plus().item(), rel=1e-7)  # losses are read in fp32
     c = m["proj_grad"]
-    assert torch.allclose(w.detach() - w0, -lr * c * (u @ v.T) / r, atol=1e-12, rtol=1e-9)
+    assert torch.allclose(w.detach() - w0, -lr * c * (u @ v.T), atol=1e-12, rtol=1e-9)
     assert torch.allclose(b.detach() - b0, -lr * c * z, atol=1e-12, rtol=1e-9)
 
 
@@ -153,7 +155,7 @@ def test_same_seed_same_trajectory_different_seed_different():
 
 def test_loss_falls_on_a_quadratic():
     q = Quadratic(shape=(20, 12), n_vec=12)
-    opt = _pure(q, lr=2e-3, rank=2, interval=10)
+    opt = _pure(q, lr=1e-3, rank=2, interval=10)  # lr = α/r: α = 2e-3
     start = q().item()
     for _ in range(400):
         opt.step(q)

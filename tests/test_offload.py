@@ -123,19 +123,36 @@ def test_ring_never_holds_more_than_its_size(ring, request):
     assert len(off.slots) == ring
     block = max(b.numel() for b in off._buckets.values())
     assert all(s.numel() == block for s in off.slots)
-    seen = []
-    for layer in off.layers:  # registered after the offloader's hooks: runs with the layer acquired
-        layer.register_forward_pre_hook(lambda *_: seen.append(len(off.in_ring())))
+    slots = [(s.data_ptr(), s.data_ptr() + s.numel() * s.element_size()) for s in off.slots]
+    layer_ids = {id(p) for layer in off.layers for p in layer.parameters()}
+
+    def where(layer):
+        """The ring slots this layer's parameters live in now, found from their storage addresses alone
+        (not from the offloader's own bookkeeping)."""
+        return {i for p in layer.parameters() for i, (a, b) in enumerate(slots) if a <= p.data_ptr() < b}
+
+    seen, clashes = [], []
+
+    def check(layer, *_):  # registered after the offloader's hooks: runs with the layer acquired
+        resident = {j: where(other) for j, other in enumerate(off.layers) if where(other)}
+        assert where(layer), "a layer computes while its parameters are not in a ring slot"
+        used = [i for s in resident.values() for i in s]
+        clashes.append(len(used) != len(set(used)) or any(len(s) != 1 for s in resident.values()))
+        seen.append(len(resident))
+
+    for layer in off.layers:
+        layer.register_forward_pre_hook(check)
     enc = Encoder(tok, 128)
     for _ in range(2):
         opt.step(make_closure(model, enc, _batch(), tok.pad_token_id, Counters()))
     with torch.no_grad():
         lm_loss(model, enc, _batch(), tok.pad_token_id)
-    assert seen and max(seen) <= ring and min(seen) >= 1
-    assert off.max_in_ring <= ring
-    assert off.in_ring() == []  # between steps every layer points at its host bucket
+    assert len(seen) >= 3 * len(off.layers)  # two dual forwards and one single pass, every layer
+    assert max(seen) <= ring and not any(clashes)  # never more resident layers than slots, never two in one slot
+    assert all(not where(layer) for layer in off.layers)  # between steps every layer points at its host bucket
     info = off.device_bytes()
-    assert info["offload/device_param_bytes"] == ring * block * 4 + info["offload/resident_param_bytes"]
+    resident = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"] if id(p) not in layer_ids)
+    assert info["offload/device_param_bytes"] == sum(b - a for a, b in slots) + resident
 
 
 def test_deferred_update_lands_on_flush_and_before_evaluation(request):

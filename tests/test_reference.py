@@ -107,17 +107,19 @@ def test_kernel_and_pure_torch_philox_give_the_same_trajectory(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["philox", "torch"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("abs_estimate", [False, True])
-def test_hizoo_equals_reference_bit_for_bit_on_a_quadratic(backend, threads, abs_estimate):
+@pytest.mark.parametrize("update,form", [("printed", "hizoo"), ("signed", "hizoo"), ("legacy", "hizoo"),
+                                         ("printed", "focus")])
+def test_hizoo_equals_reference_bit_for_bit_on_a_quadratic(backend, threads, update, form):
+    # printed/hizoo is Eq. 3 as printed (the default); legacy is the earlier default (the old reference)
     from zoexp.methods import HiZOO
 
     hp = dict(lr=1e-3, eps=1e-3, weight_decay=0.1, hessian_smooth=0.3, hessian_min=0.05, hessian_max=20.0,
-              abs_estimate=abs_estimate)
+              hessian_update=update, hessian_form=form)
     q = Quadratic(shape=(300, 70), n_vec=50)
     twin = copy.deepcopy(q)
     opt = HiZOO(q.groups(), seed=5, noise=backend, noise_threads=threads, chunk=1000, **hp)
     params = _params(twin.groups())
-    hessians = [torch.ones_like(p) for p in params]
+    hessians = [torch.ones_like(p, dtype=torch.float32) for p in params]
     for t in range(5):
         opt.step(q)
         m = opt.metrics()

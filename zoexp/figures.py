@@ -5,7 +5,9 @@ A figure is described in its table's data file (``zoexp/paper_tables/<table>.yam
 - ``kind: curves`` -- training loss against steps and/or training wall-clock (``x: [step, time]``), one
   axes per panel, one line per series; each line is the chosen configuration's ``curve`` (the same
   best-by-dev choice as the table), averaged over seeds (thin lines: the single seeds);
-- ``kind: bars`` -- a quantity (e.g. ``memory``) per series, grouped (e.g. per model).
+- ``kind: bars`` -- a quantity (e.g. ``memory``) per series, grouped (e.g. per model);
+- ``kind: blocks`` -- FOCUS's block activation: per block, the fraction of steps it was active and the
+  mean ± std of its observed GSD scores (the rows' ``focus/block_*`` fields), one panel per row chosen.
 
 Selections merge the table's ``select``, the figure's, the panel's (or group's) and the series' (later
 wins). A panel or bar without rows says so on the plot; nothing is invented.
@@ -131,6 +133,43 @@ def draw_bars(fig_spec: dict, table_select: dict, rows: list[dict], path: Path, 
     return _save(fig, path)
 
 
+def draw_blocks(fig_spec: dict, table_select: dict, rows: list[dict], path: Path, profile: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    select = _select(table_select, fig_spec.get("select"))
+    chosen = [r for r in select_best([r for r in rows if matches(r, select)]).rows
+              if r.get("focus/block_active_frac")] if rows else []
+    panels = chosen or [None]
+    fig, axes = plt.subplots(2, len(panels), figsize=(max(4.5, 3.2 * len(panels)), 5.0), squeeze=False)
+    for j, row in enumerate(panels):
+        top, bottom = axes[0][j], axes[1][j]
+        if row is None:
+            top.text(0.5, 0.5, "no FOCUS rows with block statistics", ha="center", va="center", fontsize=8)
+            continue
+        frac = row["focus/block_active_frac"]
+        blocks = range(len(frac))
+        top.bar(blocks, frac, color="C0")
+        k = (row.get("hparams") or {}).get("active_blocks")
+        if k:
+            top.axhline(min(k, len(frac)) / len(frac), color="k", lw=0.8, ls="--", label="uniform k/D")
+            top.legend(fontsize=7)
+        top.set_ylabel("fraction of steps active")
+        top.set_title(f"{row.get('task')} seed {row.get('seed')}", fontsize=8)
+        mean = [m if m is not None else float("nan") for m in row["focus/block_score_mean"]]
+        std = [s if s is not None else 0.0 for s in row["focus/block_score_std"]]
+        bottom.errorbar(blocks, mean, yerr=std, fmt="o", ms=3, color="C1", capsize=2)
+        bottom.set_ylabel("observed GSD score (mean ± std)")
+        bottom.set_xlabel("block (transformer layer)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"{fig_spec['title']}  [ours, {profile} profile]", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
@@ -147,6 +186,6 @@ def draw_figures(table, rows: list[dict], out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
     for spec in table.layout.get("figures") or []:
         path = Path(out_dir) / "figures" / table.profile / spec["name"]
-        draw = {"curves": draw_curves, "bars": draw_bars}[spec["kind"]]
+        draw = {"curves": draw_curves, "bars": draw_bars, "blocks": draw_blocks}[spec["kind"]]
         written += draw(spec, table.layout.get("select") or {}, rows, path, table.profile)
     return written

@@ -641,6 +641,7 @@ def _run(cfg: DictConfig, run_dir: Path, device: torch.device, meter: Meter, row
             "optimizer_state_bytes": optimizer.state_bytes(),
             "optimizer_state_bytes_max": max_state,
             "optimizer_grad_bytes_max": getattr(optimizer, "grad_bytes_max", 0),
+            **(optimizer.row_fields() if hasattr(optimizer, "row_fields") else {}),
             "forward_passes": counters.forward_passes,
             "tokens": tokens,
             "tokens_per_s": tokens / t_train if t_train else None,

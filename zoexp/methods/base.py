@@ -62,6 +62,10 @@ class Method(Optimizer):
         """Per-step scalars the runner may log (projected gradient, active blocks, ...)."""
         return {}
 
+    def row_fields(self) -> dict:
+        """End-of-run fields for the result row (e.g. FOCUS's per-block activation and score statistics)."""
+        return {}
+
     def flush(self) -> None:
         """Apply any deferred update so that the model holds the current weights.
 

@@ -11,69 +11,99 @@ from zoexp.methods.base import ZOMethod, decays, finite, loss_value
 _LOCAL = threading.local()
 
 
-def scratch(like: torch.Tensor) -> torch.Tensor:
-    """A per-thread buffer shaped like ``like`` (one chunk), reused across calls: no allocation per chunk."""
+def scratch(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A per-thread buffer shaped like ``like`` (one chunk; ``dtype`` default: like's), reused across calls."""
     cache = getattr(_LOCAL, "cache", None)
     if cache is None:
         cache = _LOCAL.cache = {}
-    key = (like.device, like.dtype)
+    dtype = dtype or like.dtype
+    key = (like.device, dtype)
     buf = cache.get(key)
     if buf is None or buf.numel() < like.numel():
-        buf = cache[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        buf = cache[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
     return buf[: like.numel()]
+
+
+#: how the diagonal-Hessian EMA uses the estimate (see ``HiZOO``)
+HESSIAN_UPDATES = ("printed", "signed", "legacy")
+#: the estimate's diagonal: ``hizoo`` D(z² − 1) (FOCUS Eq. 3), ``focus`` D z² (FOCUS Alg. 1 line 17, App. B.1)
+HESSIAN_FORMS = ("hizoo", "focus")
+STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "param": None}
 
 
 class HiZOO(ZOMethod):
     r"""ZO-SGD preconditioned by a diagonal Hessian estimate D = Σ⁻¹ (one tensor per parameter, init 1).
 
-    With z ~ N(0, I) regenerated from the step seed, u = D^{-1/2} z and three forward passes:
+    With z ~ N(0, I) regenerated from the step seed, u = D^{-1/2} z = Σ^{1/2} z and three forward passes:
 
-        g  = (L(θ + εu) − L(θ − εu)) / 2ε,            ΔL = L(θ + εu) + L(θ − εu) − 2 L(θ)
+        g  = (L(θ + εu) − L(θ − εu)) / 2ε,            ΔL = L(θ + εu) + L(θ − εu) − 2 L(θ)   (signed)
         θ ← θ − η (g u + λθ)                           (λ on matrices only)
-        Ĥ  = |ΔL| / 2ε² · D (z² − 1)                   (Ye 2023 / paper Eq. 3, diagonal: E[Ĥ] = diag ∇²L)
-        D ← clamp(|(1 − α) D + α Ĥ|, d_min, d_max)
+        Σ̂  = ΔL / 2ε² · D (z² − 1)                     (FOCUS Eq. 3, diagonal; ``hessian_form=hizoo``)
+        D ← clamp((1 − α) D + α |Σ̂|, d_min, d_max)     (Eq. 3's EMA; ``hessian_update=printed``, default)
 
-    The update uses the D that shaped the perturbation (so E[g u] = Σ ∇L). ``abs_estimate=True`` takes
-    the absolute value of Ĥ inside the EMA, D ← (1 − α) D + α |Ĥ|, exactly as Eq. 3 is printed; that
-    estimate is biased upward by a factor growing with the number of perturbed coordinates (|Ĥ_i| is
-    dominated by the other coordinates' curvature), while the default averages the signed, unbiased Ĥ
-    and takes the absolute value after. The clamp keeps Σ
-    positive and bounded (the assumption of the convergence analysis; the public HiZOO code has no
-    lower bound and a default α of 0, which silently reduces it to MeZO).
+    ``hessian_update`` names the EMA:
+
+    - ``printed``: Eq. 3 as printed, D ← (1 − α) D + α |Σ̂| = (1 − α) D + α |ΔL|/2ε² · D |z² − 1|. Positive
+      by construction; biased upward (E|Σ̂_i| is dominated by the other coordinates' curvature).
+    - ``signed``: D ← |(1 − α) D + α Σ̂| with the signed ΔL: the EMA of the unbiased estimate
+      (E[Σ̂] = diag ∇²L, Ye 2023), the absolute value after (an option: not what Eq. 3 prints).
+    - ``legacy``: D ← |(1 − α) D + α |ΔL|/2ε² · D (z² − 1)|, the earlier default of this project: |ΔL|
+      inside a signed estimate, neither Eq. 3 nor unbiased (kept to reproduce old rows).
+
+    ``hessian_form=focus`` uses FOCUS Alg. 1 line 17's Σ̂ = Δℓ/2ε² · Σ^{-1/2} z zᵀ Σ^{-1/2}, diagonal D z²
+    (no − Σ⁻¹ term). The update uses the D that shaped the perturbation (so E[g u] = Σ ∇L); D is updated
+    after θ in the same pass. The clamp keeps Σ positive and bounded (FOCUS App. B.1 clamps the Hessian's
+    intermediate results; HiZOO's analysis assumes bounded entries); ``hessian_min/max: null`` disables it.
 
     Passes over the weights per step: +εu, −2εu, then one fused pass that restores, updates θ and
     updates D (θ ← (1 − ηλ)(θ + εu) − η g u), regenerating z three times, as MeZO does.
-    D has the parameter's dtype, so the state is one copy of the trainable parameters. In fp32 an EMA
-    increment below ~6e-8 relative is rounded away (α = 1e-9 only moves D when |Ĥ| is large).
+    D is kept in ``state_dtype`` (float32 by default, whatever the weights' dtype: in fp16 an EMA
+    increment of α = 1e-9 is rounded away and D would never move); ``param`` keeps the parameter's
+    dtype (the earlier behaviour). ``state_bytes`` counts D's real bytes.
     """
 
     forward_passes_per_step = 3
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 hessian_smooth: float = 1e-9, hessian_min: float = 1e-3, hessian_max: float = 1e3,
-                 abs_estimate: bool = False, seed: int = 0, noise_threads: int | None = None,
-                 chunk: int | None = None, noise: str | None = None):
+                 hessian_smooth: float = 1e-9, hessian_min: float | None = 1e-3, hessian_max: float | None = 1e3,
+                 hessian_update: str = "printed", hessian_form: str = "hizoo", state_dtype: str = "float32",
+                 seed: int = 0, noise_threads: int | None = None, chunk: int | None = None,
+                 noise: str | None = None):
         if lr < 0 or eps <= 0 or weight_decay < 0:
             raise ValueError(f"{type(self).__name__} needs lr >= 0, eps > 0, weight_decay >= 0 "
                              f"(got {lr}, {eps}, {weight_decay})")
         if not 0 <= hessian_smooth <= 1:
             raise ValueError(f"hessian_smooth (EMA α) must be in [0, 1], got {hessian_smooth}")
-        if not 0 < hessian_min <= 1 <= hessian_max:
+        lo = 0.0 if hessian_min is None else float(hessian_min)
+        hi = float("inf") if hessian_max is None else float(hessian_max)
+        if not (0 <= lo <= 1 <= hi and (hessian_min is None or lo > 0)):
             raise ValueError(f"need 0 < hessian_min <= 1 <= hessian_max (got {hessian_min}, {hessian_max})")
+        if hessian_update not in HESSIAN_UPDATES:
+            raise ValueError(f"hessian_update must be one of {HESSIAN_UPDATES}, not {hessian_update!r}")
+        if hessian_form not in HESSIAN_FORMS:
+            raise ValueError(f"hessian_form must be one of {HESSIAN_FORMS}, not {hessian_form!r}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, not {state_dtype!r}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          noise_threads=noise_threads, chunk=chunk, noise=noise)
         self.eps = float(eps)
         self.hessian_smooth = float(hessian_smooth)
-        self.hessian_min, self.hessian_max = float(hessian_min), float(hessian_max)
-        self.abs_estimate = bool(abs_estimate)
+        self.hessian_min, self.hessian_max = lo, hi
+        self.hessian_update, self.hessian_form = hessian_update, hessian_form
+        self.state_dtype = state_dtype
         self._param_of = {k: p for p, k in self._keys.items()}
         self._init_hessians()
+
+    def new_hessian(self, p: torch.Tensor) -> torch.Tensor:
+        """D = 1 for parameter ``p``, in ``state_dtype``."""
+        dtype = STATE_DTYPES[self.state_dtype] or p.dtype
+        return torch.ones(p.shape, dtype=dtype, device=p.device)
 
     # -- which parameters carry a Hessian (all of them here; FOCUS: the active blocks) ---------------
     def _init_hessians(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                self.state[p]["hessian"] = torch.ones_like(p, memory_format=torch.contiguous_format)
+                self.state[p]["hessian"] = self.new_hessian(p)
 
     def hessian_items(self) -> list[tuple[int, torch.Tensor]]:
         """(key, parameter) pairs perturbed along D^{-1/2} z."""
@@ -124,7 +154,8 @@ class HiZOO(ZOMethod):
         def fn(view, z, key, a, b):
             st = state.get(self._param_of[key])
             if st and "hessian" in st:
-                s = torch.rsqrt(st["hessian"].view(-1)[a:b], out=scratch(view))
+                d = st["hessian"].view(-1)[a:b]
+                s = torch.rsqrt(d, out=scratch(view, d.dtype))
                 view.addcmul_(z, s, value=scale)
             else:
                 view.add_(z, alpha=scale)
@@ -132,10 +163,19 @@ class HiZOO(ZOMethod):
         self.noise.visit(items, seed, fn)
 
     def _restore_and_update(self, items, seed: int, grad: float, curvature: float) -> dict:
-        """θ ← a(θ − εu + εu) − η g u with a = 1 − ηλ, then the D update; returns Σ z² per parameter chunk."""
+        """θ ← a(θ − εu + εu) − η g u with a = 1 − ηλ, then the D update; returns Σ z² per parameter chunk.
+
+        ``curvature`` is the signed ΔL = L₊ + L₋ − 2L₀. D > 0, so every EMA is multiplicative, D ← D·f:
+        printed  f = (1 − α) + α|c| w̄           signed  f = |(1 − α) + α c w|       legacy  as signed, c → |c|
+        with c = ΔL/2ε², w = z² − 1 (``hizoo``) or z² (``focus``), w̄ = |w|; then the clamp.
+        """
         eps, alpha = self.eps, self.hessian_smooth
-        c = abs(curvature) / (2 * eps * eps)
-        lo, hi, abs_estimate = self.hessian_min, self.hessian_max, self.abs_estimate
+        c = curvature / (2 * eps * eps)
+        lo, hi = self.hessian_min, self.hessian_max
+        clamp = lo > 0 or hi != float("inf")
+        update, minus_one = self.hessian_update, self.hessian_form == "hizoo"
+        if update == "legacy":
+            c = abs(c)
         want_sq = self._wants_block_scores()
         sq: dict[tuple[int, int], float] = {}
         coef = {}
@@ -155,25 +195,44 @@ class HiZOO(ZOMethod):
                 view.add_(z, alpha=k)
                 return
             d = st["hessian"].view(-1)[start:stop]
-            s = torch.rsqrt(d, out=scratch(view))
+            s = torch.rsqrt(d, out=scratch(view, d.dtype))
             view.addcmul_(z, s, value=k)
             if want_sq:
                 sq[(key, start)] = float(torch.dot(z, z)) if z.dtype in (torch.float32, torch.float64) else float(z.float().square().sum())
             if alpha == 0.0:
                 return
             # D is positive, so the EMA of D·(stuff) is a multiplicative update: D ← D · factor
-            zz = torch.mul(z, z, out=s)
-            if abs_estimate:  # (1 − α) + α c |z² − 1|
-                zz.sub_(1.0).abs_().mul_(alpha * c).add_(1.0 - alpha)
-            else:  # |(1 − α) + α c (z² − 1)|
+            zz = torch.mul(z, z, out=s) if z.dtype == d.dtype else s.copy_(z).square_()
+            if update == "printed":  # (1 − α) + α |c| |w|
+                if minus_one:
+                    zz.sub_(1.0).abs_()
+                zz.mul_(alpha * abs(c)).add_(1.0 - alpha)
+            elif minus_one:  # |(1 − α) + α c (z² − 1)|
                 zz.mul_(alpha * c).add_(1.0 - alpha - alpha * c).abs_()
-            d.mul_(zz).clamp_(lo, hi)
+            else:  # |(1 − α) + α c z²|
+                zz.mul_(alpha * c).add_(1.0 - alpha).abs_()
+            d.mul_(zz)
+            if clamp:
+                d.clamp_(lo, hi)
 
         self.noise.visit(items, seed, fn)
         return sq
 
     def _wants_block_scores(self) -> bool:
         return False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating state to the parameter's dtype; D stays in its own dtype (state_dtype)
+        saved = {}
+        ids = [i for g in state_dict.get("param_groups", []) for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            st = state_dict.get("state", {}).get(i)
+            if isinstance(st, dict) and "hessian" in st:
+                saved[p] = st["hessian"]
+        super().load_state_dict(state_dict)
+        for p, d in saved.items():
+            self.state[p]["hessian"] = d.detach().clone().to(p.device)
 
     def metrics(self) -> dict:
         out = dict(self._last)

@@ -18,6 +18,8 @@ FO_OPTIMIZERS = {
 }
 
 PARTITIONS = ("zf", "fz")
+#: what ``lr`` means: the tables' α/r (default) or Eq. 5's α
+LR_CONVENTIONS = ("alpha_over_r", "alpha")
 
 
 def partition_groups(groups: list[dict], fo_layers: int, partition: str = "zf",
@@ -66,15 +68,21 @@ class HZO(ZOMethod):
     with grad enabled only for FO parameters, backward, step. With Z+F the ZO blocks and the embedding
     do not require grad during that forward, so autograd stores nothing until the first FO block.
 
-    ``lr`` is α of Eq. 9 (the paper's LLaMA table lists α/r); ``fo_lr`` the FO optimizer's rate.
+    ``lr`` is the learning rate as the paper's tables print it. ``lr_convention=alpha_over_r`` (default):
+    lr = α/r (HZO Table 8 says so; App. A.2 couples γ = α/r, the step of the equivalent ZO-SGD in the
+    subspace of V), so a matrix gets X ← X − lr · c · UVᵀ, α = lr · r_ℓ. ``alpha``: lr = α of Eq. 5/
+    Alg. 1 line 12, X ← X − lr · c · UVᵀ / r (the earlier convention). Vectors (MeZO's z) and weight decay
+    use lr in both. ``fo_lr`` is the FO optimizer's rate (η of Alg. 1 line 16).
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int | None = 2, interval: int = 50,
                  weight_decay: float = 0.0, lowrank_embed: bool = True, fo_layers: int = 1,
                  partition: str = "zf", fo_extra: list[str] | None = None, fo_optimizer: str = "adam",
                  fo_lr: float = 1e-4, fo_weight_decay: float = 0.0, fo_every: int | None = None,
-                 fo_kwargs: dict | None = None, seed: int = 0, noise_threads: int | None = None,
-                 chunk: int | None = None, noise: str | None = None):
+                 fo_kwargs: dict | None = None, lr_convention: str = "alpha_over_r", seed: int = 0,
+                 noise_threads: int | None = None, chunk: int | None = None, noise: str | None = None):
+        if lr_convention not in LR_CONVENTIONS:
+            raise ValueError(f"lr_convention must be one of {LR_CONVENTIONS}, not {lr_convention!r}")
         if lr < 0 or eps <= 0 or weight_decay < 0 or fo_lr < 0:
             raise ValueError(f"HZO needs lr >= 0, eps > 0, weight_decay >= 0, fo_lr >= 0 (got {lr}, {eps}, {weight_decay}, {fo_lr})")
         if rank is not None and int(rank) < 1:
@@ -84,6 +92,7 @@ class HZO(ZOMethod):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed,
                          noise_threads=noise_threads, chunk=chunk, noise=noise)
         self.rank = None if rank is None else int(rank)
+        self.lr_convention = lr_convention
         self.interval = int(interval)
         self.lowrank_embed = bool(lowrank_embed)
         self.fo_every = int(fo_every) if fo_every else self.interval
@@ -185,13 +194,16 @@ class HZO(ZOMethod):
         self._restore_and_update(group, t, 0.0, grad, lr, weight_decay)
 
     def _restore_and_update(self, group: dict, t: int, eps: float, grad: float, lr: float, wd: float) -> None:
-        """From X − εUVᵀ (eps > 0) or X (eps = 0): X ← (1 − αλ)X − α(c/r)UVᵀ in one addmm_ per matrix."""
+        """From X − εUVᵀ (eps > 0) or X (eps = 0): X ← (1 − lr λ)X − α(c/r)UVᵀ in one addmm_ per matrix
+        (α/r = lr with ``lr_convention=alpha_over_r``, lr/r with ``alpha``)."""
         gi = self._group_index(group)
         lowrank, dense = self._split(gi)
+        per_r = self.lr_convention == "alpha"
         for key, p in lowrank:
             u, v, r = self.factors(key, p, t)
             a = 1.0 - lr * wd if wd and decays(p) else 1.0
-            p.view(p.shape[0], -1).addmm_(u, v.T, beta=a, alpha=a * eps - lr * grad / r)
+            step = lr * grad / r if per_r else lr * grad
+            p.view(p.shape[0], -1).addmm_(u, v.T, beta=a, alpha=a * eps - step)
         if not dense:
             return
         seed = self.step_seed(t)
