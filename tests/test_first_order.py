@@ -230,3 +230,19 @@ def test_galore_projects_block_matrices_and_counts_the_projectors():
     # the projector is a slice of the SVD factor and keeps the factor's whole storage alive
     assert opt.state_bytes() == moments + ortho.untyped_storage().nbytes()
     assert ortho.untyped_storage().nbytes() == 12 * 12 * 4
+
+
+def test_adam_on_fp16_weights_gets_an_eps_fp16_can_hold():
+    """Adam's 1e-8 is 0 in fp16: an unset eps becomes 1e-4 there (finite steps), 1e-8 elsewhere and for
+    BlockCoordinate, whose Adam updates fp32 master copies; a given eps is kept."""
+    from zoexp.methods.bcd import BlockCoordinate
+
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = FirstOrder([{"params": [w]}], optimizer="adamw", lr=1e-3)
+    assert opt.hparams["eps"] == 1e-4
+    for _ in range(3):
+        opt.step(lambda: (w.float() ** 2).sum())
+    assert torch.isfinite(w).all() and (w < 1).all()
+    assert FirstOrder([{"params": [torch.nn.Parameter(torch.ones(2))]}]).hparams["eps"] == 1e-8
+    assert FirstOrder([{"params": [w]}], eps=1e-6).hparams["eps"] == 1e-6
+    assert BlockCoordinate([{"params": [w]}], optimizer="adamw").hparams["eps"] == 1e-8

@@ -38,6 +38,15 @@ def tensor_bytes(obj) -> int:
     return walk(obj)
 
 
+def adam_eps(eps: float | None, params: Iterable[torch.Tensor]) -> float:
+    """Adam's eps: as given; unset (None), 1e-8, or 1e-4 when a parameter is fp16: 1e-8 is 0 in fp16 and
+    a zero second moment then divides by zero (NaN at the first step); 1e-4 is the smallest round eps
+    above fp16's normal range."""
+    if eps is not None:
+        return float(eps)
+    return 1e-4 if any(p.dtype == torch.float16 for p in params) else 1e-8
+
+
 def decays(p: torch.Tensor) -> bool:
     """Weight decay applies to matrices only, never to biases or norm scales (as in MeZO)."""
     return p.ndim >= 2

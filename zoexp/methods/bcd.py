@@ -31,6 +31,8 @@ class BlockCoordinate(FirstOrder):
     are upcast into it, the optimizer updates it, and the result is rounded back into the weights.
     """
 
+    fp32_masters = True  # half-precision blocks are updated through fp32 master copies
+
     def __init__(self, params, optimizer: str = "adamw", interval: int = 50, order: str = "ascending",
                  active_blocks: int = 1, extra_blocks=(), seed: int = 0, **fo_kwargs):
         if order not in ORDERS:

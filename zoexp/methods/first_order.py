@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import torch
 
-from zoexp.methods.base import Method, decays, loss_value, tensor_bytes
+from zoexp.methods.base import Method, adam_eps, decays, loss_value, tensor_bytes
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,9 +88,10 @@ class FirstOrder(Method):
     forward_passes_per_step = 1
     train_mode = True
     OPTIMIZERS = ("sgd", "adamw")
+    fp32_masters = False  # the inner optimizer updates the parameters themselves
 
     def __init__(self, params, optimizer: str = "adamw", lr: float = 1e-5, weight_decay: float = 0.0,
-                 momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, accumulation_steps: int = 1,
+                 momentum: float = 0.0, betas=(0.9, 0.999), eps: float | None = None, accumulation_steps: int = 1,
                  max_grad_norm: float | None = None, amp: str | None = None, gradient_checkpointing: bool = False,
                  foreach: bool | None = None):
         if optimizer not in self.OPTIMIZERS:
@@ -104,7 +105,9 @@ class FirstOrder(Method):
             raise ValueError(f"max_grad_norm must be positive or null, not {max_grad_norm}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.optimizer_name = optimizer
-        self.hparams = dict(momentum=float(momentum), betas=tuple(float(b) for b in betas), eps=float(eps),
+        # the weights Adam updates: the parameters, or fp32 master copies of them (BlockCoordinate)
+        eps = adam_eps(eps, () if self.fp32_masters else (p for g in self.param_groups for p in g["params"]))
+        self.hparams = dict(momentum=float(momentum), betas=tuple(float(b) for b in betas), eps=eps,
                             foreach=foreach)
         self.accumulation_steps = int(accumulation_steps)
         self.max_grad_norm = max_grad_norm

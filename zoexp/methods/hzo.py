@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from zoexp.methods.base import ZOMethod, decays, finite, loss_value, tensor_bytes
+from zoexp.methods.base import ZOMethod, adam_eps, decays, finite, loss_value, tensor_bytes
 from zoexp.methods.noise import U_TAG, V_TAG, factor_seed, lowrank_factor
 
 FO_OPTIMIZERS = {
@@ -109,11 +109,8 @@ class HZO(ZOMethod):
             for gi in self._fo_ids:  # FO groups carry the FO rate, so lr schedulers scale it too
                 self.param_groups[gi].update(lr=fo_lr, weight_decay=fo_weight_decay, fo=True)
             fo_kwargs = dict(fo_kwargs or {})
-            if (fo_optimizer in ("adam", "adamw") and "eps" not in fo_kwargs
-                    and any(p.dtype == torch.float16 for p in self.fo_params())):
-                # Adam's default eps (1e-8) is 0 in fp16 and a zero second moment then divides by zero
-                # (NaN at the first FO step); 1e-4 is the smallest round eps above fp16's normal range
-                fo_kwargs["eps"] = 1e-4
+            if fo_optimizer in ("adam", "adamw"):  # 1e-8, or 1e-4 for fp16 weights (zoexp.methods.base.adam_eps)
+                fo_kwargs["eps"] = adam_eps(fo_kwargs.get("eps"), self.fo_params())
             self.fo_kwargs = fo_kwargs
             self.fo_optimizer = FO_OPTIMIZERS[fo_optimizer](
                 [{"params": self.param_groups[gi]["params"], "lr": fo_lr, "weight_decay": fo_weight_decay}
