@@ -17,7 +17,7 @@ class MeZO(ZOMethod):
     (λ only on matrices, not on biases or norm scales). The restore from θ − εz and the update are
     fused into one pass over the weights: θ ← (1 − ηλ)(θ − εz) + ((1 − ηλ)ε − ηg) z, so a step
     regenerates z three times and touches each weight three times. In-place ± perturbation restores
-    θ up to floating-point rounding (one ulp in fp32); see README "Numerics".
+    θ up to floating-point rounding (one ulp in fp32); see docs/numerics.md.
 
     With an offloader attached (``run.offload=true``) a step is one dual forward through resident
     blocks and the update is deferred to the block's next residency (``ZOMethod.offloaded_zo_step``).
