@@ -56,7 +56,10 @@ def test_two_gloo_processes_match_one_process_with_the_full_batch(tmp_path, fixt
         one = run_inprocess([*common, *method_args(name, tmp_path), "run.name=single"], single_dir)
         assert one["tokens"] == dp["tokens"] and one["forward_passes"] == dp["forward_passes"]
         a, b = [p["loss"] for p in one["curve"]], [p["loss"] for p in dp["curve"]]
-        assert len(a) == steps and all(math.isclose(x, y, rel_tol=2e-6) for x, y in zip(a, b)), (a, b)
+        # HZO: its first-order block's gradient is the sum of two half-batch gradients, and under lr = α/r
+        # (the paper's convention) each step is r times the earlier one, so rounding grows to ~4e-6 by step 4
+        tol = 1e-5 if name == "hzo" else 2e-6
+        assert len(a) == steps and all(math.isclose(x, y, rel_tol=tol) for x, y in zip(a, b)), (name, a, b)
         for key in ("dev/acc", "test/acc"):  # a near-tie may flip one example at float tolerance
             assert abs(one[key] - dp[key]) <= 1 / min(one["test/n"], one["data/dev"]) + 1e-9
         w1 = final_weights(single_dir, steps)

@@ -232,13 +232,15 @@ class PreRunChecks(Callback):
         job = job_config(config)
         if job.get("bench") is not None:  # zoexp-bench composes this config too; it writes no run rows
             return
+        named = job.run.get("name") is not None
         try:
             check_config(job)
             check_results_file(job.run.get("results_file"))
-            check_run_dir(job, Path(str(config.hydra.run.dir)))
+            if named:  # a stable directory may hold an earlier run: the same configuration, or refused
+                check_run_dir(job, Path(str(config.hydra.run.dir)))
         except (ConfigError, ResumeError) as exc:
             _refuse(exc)
-        if job.run.get("name") is None:  # a timestamped directory: this run's alone
+        if not named:  # a timestamped directory: claimed for this run alone (another run may hold the stamp)
             _claim(config, "run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
