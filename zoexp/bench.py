@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from zoexp.cli import register_tasks
+from zoexp.configs import register_tasks
 from zoexp.paths import conf_dir
 
 

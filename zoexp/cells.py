@@ -9,6 +9,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Run settings that are part of the chosen configuration (the rest of `run` is bookkeeping).
@@ -164,3 +165,22 @@ def select_best(rows: list[dict]) -> Selection:
     best = max(scored, key=lambda item: -math.inf if item[0] is None else item[0])
     group = sorted(best[2], key=lambda r: r.get("seed", 0))
     return Selection(group, len(scored), best[0], failed)
+
+
+PAPER_DIR = Path(__file__).resolve().parent / "paper_tables"  # each table's layout and published numbers
+
+
+def table_names() -> list[str]:
+    return sorted(p.stem for p in PAPER_DIR.glob("*.yaml"))
+
+
+def load_layout(name: str) -> dict:
+    import yaml
+
+    path = PAPER_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ReportError(f"no table {name!r}; available: {', '.join(table_names())}")
+    with open(path, encoding="utf-8") as fh:
+        layout = yaml.safe_load(fh)
+    layout.setdefault("name", name)
+    return layout

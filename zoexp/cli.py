@@ -7,10 +7,10 @@ import os
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from zoexp.paths import conf_dir, tasks_dir
+from zoexp.configs import help_groups, register_resolvers, register_tasks  # noqa: F401
+from zoexp.paths import conf_dir
 from zoexp.validate import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 
 log = logging.getLogger("zoexp")
@@ -30,43 +30,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # exit code of each job of a multirun run in this process (zoexp.validate: EXIT_*); main() exits with the worst
 _OUTCOMES: list[int] = []
 _SEVERITY = {EXIT_OK: 0, EXIT_DIVERGED: 1, EXIT_USER_ERROR: 2, EXIT_FAILED: 3}
-
-
-def register_resolvers() -> None:
-    """``${zoexp.either:A,B}``: A unless it is null, else B. ``${zoexp.run_dir:ROOT,NAME,STAMP}``: ROOT/NAME
-    when run.name is set, else ROOT/STAMP (zoexp.validate.run_dir; created exclusively before Hydra uses it,
-    by zoexp.validate.PreRunChecks)."""
-    from zoexp.validate import run_dir
-
-    if not OmegaConf.has_resolver("zoexp.either"):
-        OmegaConf.register_new_resolver("zoexp.either", lambda a, b: b if a is None else a)
-    if not OmegaConf.has_resolver("zoexp.run_dir"):
-        OmegaConf.register_new_resolver("zoexp.run_dir", run_dir)
-    if not OmegaConf.has_resolver("zoexp.help_groups"):
-        OmegaConf.register_new_resolver("zoexp.help_groups", help_groups)
-
-
-def help_groups() -> str:
-    """The config groups of ``zoexp --help``: the four a run chooses from, then the optional ones."""
-
-    def options(folder) -> str:
-        return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-
-    conf = conf_dir()
-    lines = ["Choose one of each (GROUP=OPTION):", ""]
-    for group in ("model", "task", "method", "run"):
-        lines.append(f"{group}: {options(tasks_dir() if group == 'task' else conf / group)}")
-    lines += ["", "Optional, with -m (a sweep):", "",
-              f"experiment: {options(conf / 'experiment')}   (a paper table: -m experiment=NAME profile=cpu)",
-              f"hydra/launcher: {options(conf / 'hydra' / 'launcher')}   (where the sweep's jobs run)"]
-    return "\n".join(lines)
-
-
-def register_tasks() -> None:
-    """Task specs live in tasks/*.yaml (data, shipped with the package); expose them as the `task` group."""
-    store = ConfigStore.instance()
-    for path in sorted(tasks_dir().glob("*.yaml")):
-        store.store(group="task", name=path.stem, node=OmegaConf.load(path), provider="zoexp")
 
 
 def _fmt_bytes(n) -> str:

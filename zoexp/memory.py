@@ -492,9 +492,9 @@ def _measure_step(cfg, fake: bool = True, steps: int = 2, gpu: bool | None = Non
     from omegaconf import OmegaConf
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from zoexp.closure import Counters, LossClosure, seed_everything
     from zoexp.methods import build_method
     from zoexp.models import resolve_dtype
-    from zoexp.runner import Counters, LossClosure, seed_everything
 
     gpu = target_is_gpu(cfg) if gpu is None else gpu
     cfg = cfg.copy()
@@ -627,18 +627,14 @@ def check_fits(cfg, device: torch.device, row: dict | None = None) -> dict | Non
     return pred
 
 
-def dry_run(cfg, run_dir) -> dict:
-    """``run.dry_run=memory``: a result row with status ``predicted`` (the run's inputs, as any row, and
-    ``memory/*``), appended to ``run.results_file``; nothing is trained or loaded."""
-    from pathlib import Path
-
+def dry_run(cfg, row: dict) -> dict:
+    """``run.dry_run=memory``: ``row`` (the run's inputs, as any row: ``zoexp.runner.base_row``) with status
+    ``predicted`` and ``memory/*``, appended to ``run.results_file``; nothing is trained or loaded."""
     from zoexp.results import append_row
-    from zoexp.runner import base_row
 
     mode = str(cfg.run.get("dry_run"))
     if mode != "memory":
         raise ValueError(f"run.dry_run must be memory or null, not {mode!r}")
-    row = base_row(cfg, Path(run_dir or "."))
     t0 = time.perf_counter()
     try:
         row.update(measure_step(cfg, fake=True))
@@ -660,7 +656,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from zoexp.cli import register_resolvers, register_tasks
+    from zoexp.configs import register_resolvers, register_tasks
     from zoexp.paths import conf_dir
 
     register_tasks()

@@ -39,7 +39,7 @@ DROP = ("method.lr", "method.eps", "method.fo_lr", "run.steps", "run.eval_every"
 
 
 def _paper_table(name: str) -> dict:
-    from zoexp.report import load_layout
+    from zoexp.cells import load_layout
 
     return load_layout(name)
 

@@ -36,46 +36,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoexp.cells import (
+from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: report.X for callers)
+    PAPER_DIR,
     TEXT_QUANTITIES,
     ReportError,
     Selection,
     get_path,
+    load_layout,
     matches,
     memory_bytes,
     quantity,
     select_best,
+    table_names,
 )
 from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
 from zoexp.results import read_rows
 
 log = logging.getLogger(__name__)
 
-PAPER_DIR = Path(__file__).resolve().parent / "paper_tables"
 PROFILES = ("paper", "cpu", "smoke")
 DASH = "—"
 # Settings that must agree within a cell (else its rows were made under different protocols).
 PROTOCOL_FIELDS = ("model", "task_version", "task_protocol", "dtype", "run.steps", "run.max_length",
                    "run.eval_every", "run.lr_schedule")
-
-
-# --------------------------------------------------------------------------- layout data
-
-
-def table_names() -> list[str]:
-    return sorted(p.stem for p in PAPER_DIR.glob("*.yaml"))
-
-
-def load_layout(name: str) -> dict:
-    import yaml
-
-    path = PAPER_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ReportError(f"no table {name!r}; available: {', '.join(table_names())}")
-    with open(path, encoding="utf-8") as fh:
-        layout = yaml.safe_load(fh)
-    layout.setdefault("name", name)
-    return layout
 
 
 # --------------------------------------------------------------------------- loading and checks
@@ -675,6 +658,7 @@ def write(table: Table, out_dir: str | Path = "results") -> list[Path]:
 def report(name: str, profile: str = "cpu", results_dir: str | Path = "results", rows: str | Path | None = None,
            out_dir: str | Path | None = None, figures: bool = True,
            newest_code: bool = False) -> tuple[Table, list[Path]]:
+    load_layout(name)  # an unknown table is named as such, before any rows are looked for
     path = Path(rows) if rows else rows_path(name, profile, results_dir)
     found = load_rows(name, profile, path)
     if not found:  # an all-"—" table would look like a result

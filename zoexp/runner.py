@@ -8,10 +8,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoexp import distributed, resume, validate
 from zoexp.checkpoint import file_crc32, load_into, save_tensors
+from zoexp.closure import Counters, LossClosure, make_closure, seed_everything  # noqa: F401 (runner.X for callers)
 from zoexp.evaluation import evaluate
 from zoexp.icl import with_demonstrations
 from zoexp.loggers import MetricsLogger, learning_rate, memory_peaks
@@ -29,7 +28,7 @@ from zoexp.models import count_params, load_model, model_devices, resolve_device
 from zoexp.provenance import method_code_version
 from zoexp.results import append_row, git_commit, versions
 from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
-from zoexp.scoring import Encoder, classification_loss, lm_loss, request_tokens
+from zoexp.scoring import Encoder
 from zoexp.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,6 @@ class Diverged(RuntimeError):
     def __init__(self, step: int, loss: float):
         super().__init__(f"loss became {loss} at step {step}")
         self.step, self.loss = step, loss
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class BatchSampler:
@@ -74,78 +67,6 @@ class BatchSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation()
-
-
-@dataclass
-class Counters:
-    forward_passes: int = 0
-    tokens: int = 0
-    curve: list = field(default_factory=list)
-    dev_curve: list = field(default_factory=list)
-
-
-class LossClosure:
-    """One forward pass on ``batch``: the loss on the answer tokens (``lm``), or MeZO's
-    train_as_classification (``classification``: cross-entropy over the candidates' scores).
-    No backward (methods decide).
-
-    ``closure(part, parts)`` (gradient accumulation) runs only the ``part``-th of ``parts`` contiguous
-    slices of the batch and scales its mean loss by the slice's share of the batch's loss weight (answer
-    tokens, or examples for ``classification``), so the parts' losses -- and their gradients -- add up
-    to those of the whole batch. The parts of one batch count as one forward pass.
-
-    ``accumulation_steps = k > 1`` (``run.accumulation_steps``, ZO gradient accumulation): a plain
-    ``closure()`` returns the sum of the k parts' losses, computed one micro-batch after the other under
-    the same weights -- the same perturbation -- so the whole batch's loss comes from k smaller forward
-    passes (k times less activation memory; still one forward pass in the counts).
-
-    ``dual(perturbation)`` is the offloaded variant for ZO methods: both perturbed losses from one pass
-    through resident blocks (``zoexp.offload.dual_lm_loss``); it counts as two forward passes.
-    """
-
-    def __init__(self, model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
-                 loss: str = "lm", accumulation_steps: int = 1):
-        self.model, self.encoder, self.batch, self.pad_id, self.counters = model, encoder, batch, pad_id, counters
-        self.loss = loss
-        self.accumulation_steps = int(accumulation_steps)
-        self.loss_fn = {"lm": lm_loss, "classification": classification_loss}[loss]
-        self.n_tokens = [request_tokens(encoder, [ex], loss) for ex in batch]
-        self.weights = [distributed.loss_weight(encoder, [ex], loss) for ex in batch]
-
-    def __call__(self, part: int = 0, parts: int = 1):
-        batch, counters = self.batch, self.counters
-        if parts == 1 and self.accumulation_steps > 1:
-            k = self.accumulation_steps
-            return sum(self(p, k) for p in range(k))
-        if parts == 1:
-            counters.forward_passes += 1
-            counters.tokens += sum(self.n_tokens)
-            return self.loss_fn(self.model, self.encoder, batch, self.pad_id)
-        if not 0 <= part < parts <= len(batch):
-            raise ValueError(f"cannot split a batch of {len(batch)} examples into {parts} parts (part {part}); "
-                             "accumulation steps must not exceed run.batch_size (per process)")
-        lo, hi = part * len(batch) // parts, (part + 1) * len(batch) // parts
-        counters.forward_passes += part == 0
-        counters.tokens += sum(self.n_tokens[lo:hi])
-        share = sum(self.weights[lo:hi]) / sum(self.weights)
-        return self.loss_fn(self.model, self.encoder, batch[lo:hi], self.pad_id) * share
-
-    def dual(self, perturbation):
-        from zoexp.offload import dual_lm_loss
-
-        if self.accumulation_steps > 1:
-            raise ValueError("run.offload streams each block once per step for the whole batch: it does not "
-                             "combine with run.accumulation_steps > 1")
-        if self.loss != "lm":
-            raise ValueError("run.offload supports run.loss=lm only")
-        self.counters.forward_passes += 2
-        self.counters.tokens += 2 * sum(self.n_tokens)
-        return dual_lm_loss(self.model, self.encoder, self.batch, self.pad_id, perturbation)
-
-
-def make_closure(model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
-                 loss: str = "lm", accumulation_steps: int = 1) -> LossClosure:
-    return LossClosure(model, encoder, batch, pad_id, counters, loss, accumulation_steps)
 
 
 def training_loss(cfg: DictConfig, task: Task) -> str:
@@ -335,7 +256,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if cfg.run.get("dry_run"):  # run.dry_run=memory: a `predicted` row from fake tensors (zoexp.memory)
         from zoexp.memory import dry_run
 
-        return dry_run(cfg, run_dir)
+        return dry_run(cfg, base_row(cfg, run_dir))
     # [scale-out] data parallel when launched by torchrun (zoexp.distributed); continue a checkpoint of
     # the run directory if there is one, or return the row of a run that already finished there
     # (zoexp.resume) -- only for a directory given explicitly (the CLI's, or run.dir), never the cwd

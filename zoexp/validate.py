@@ -28,7 +28,7 @@ class ConfigError(ValueError):
     """A value of the composed config that cannot work (a user error)."""
 
 
-class UserError(RuntimeError):
+class UserError(ValueError):
     """A run that cannot start as configured (bad value, missing data, refused directory): exit code 2, no row."""
 
 
@@ -149,17 +149,28 @@ def _check_device(name: str) -> None:
 
 
 def check_results_file(path: str | os.PathLike | None) -> None:
-    """Fail now, not after training, if the results file cannot be appended to (a directory, read-only)."""
+    """Fail now, not after training, if the results file cannot be appended to (a directory, read-only).
+    Creates nothing: a run refused later leaves no folder or empty file behind."""
     if not path:
         return
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # creates nothing but an empty file
-        os.close(fd)
-    except OSError as exc:
-        raise ConfigError(f"run.results_file={path}: cannot append a row ({exc.strerror or exc}); "
-                          "choose a writable file with run.results_file=... or results_dir=...") from None
+    problem = None
+    if path.is_dir():
+        problem = "Is a directory"
+    elif path.exists():
+        if not os.access(path, os.W_OK):
+            problem = "Permission denied"
+    else:  # the nearest existing folder above must let the runner create the rest
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            problem = f"{parent} is not a directory"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"Permission denied ({parent})"
+    if problem:
+        raise ConfigError(f"run.results_file={path}: cannot append a row ({problem}); "
+                          "choose a writable file with run.results_file=... or results_dir=...")
 
 
 # --------------------------------------------------------------------------- run directories
