@@ -55,6 +55,10 @@ def test_installed_package_runs_a_table_sweep_and_the_report(installed, tmp_path
                            "method=mezo", "task=sst2", "hydra.sweeper.dry_run=true"], tmp_path,
                ZOEXP_DATA_DIR=str(fixture_data_dir))
     assert out.returncode == 0, out.stderr
-    assert "to launch: 72 job(s)" in out.stdout + out.stderr  # the Hydra sweeper plugin ships in the wheel
+    # the Hydra sweeper plugin ships in the wheel: 8 learning rates x seeds 0-2, batch 8 fixed (FOCUS Sec. 5.1)
+    assert "to launch: 24 job(s)" in out.stdout + out.stderr
     out = _run(installed, [sys.executable, "-m", "zoexp.report", "focus_table3", "--profile", "smoke"], tmp_path)
-    assert out.returncode == 0 and "FOCUS Table 3" in out.stdout  # the paper's numbers ship too (no rows: dashes)
+    assert out.returncode == 2 and "no rows of focus_table3" in out.stderr  # no rows: a message, not dashes
+    out = _run(installed, [sys.executable, "-c", "from zoexp.report import load_layout; "
+                           "print(load_layout('focus_table3')['title'])"], tmp_path)
+    assert out.returncode == 0 and "FOCUS Table 3" in out.stdout  # the paper's numbers ship too
