@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 
+import zoexp.cells as cells
 import zoexp.report as report
 from zoexp.report import ReportError, build, load_layout, load_rows, panels_of, table_names
 from zoexp.sweep import cell_keys, experiment_names, load_sweep
@@ -53,7 +54,7 @@ def toy(tmp_path, monkeypatch):
     folder = tmp_path / "paper_tables"
     folder.mkdir()
     (folder / "toy.yaml").write_text(yaml.safe_dump(TOY, allow_unicode=True))
-    monkeypatch.setattr(report, "PAPER_DIR", folder)
+    monkeypatch.setattr(cells, "PAPER_DIR", folder)  # where the layouts are read (zoexp.cells)
     return folder
 
 
