@@ -56,7 +56,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from zoexp.cli import register_tasks
+    from zoexp.configs import register_tasks
     from zoexp.paths import conf_dir
 
     register_tasks()

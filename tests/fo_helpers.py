@@ -7,8 +7,8 @@ import copy
 import torch
 from conftest import compose
 
+from zoexp.closure import Counters, make_closure
 from zoexp.methods import build_method
-from zoexp.runner import Counters, make_closure
 from zoexp.scoring import Encoder
 from zoexp.tasks import Task
 

@@ -10,8 +10,9 @@ import torch
 from conftest import compose
 from fo_helpers import batch
 
+from zoexp.closure import Counters, make_closure
 from zoexp.methods import build_method
-from zoexp.runner import Counters, SettingsError, accumulation_steps, make_closure
+from zoexp.runner import SettingsError, accumulation_steps
 from zoexp.scoring import Encoder
 
 ZO_METHODS = [

@@ -348,9 +348,9 @@ def test_systematic_sampling_has_the_requested_inclusion_probabilities():
 def test_focus_on_smollm2_state_is_a_tenth_of_hizoo_and_inactive_layers_stay(data_dir):
     from conftest import compose
 
+    from zoexp.closure import Counters, make_closure
     from zoexp.methods import HiZOO, build_method
     from zoexp.models import load_model, param_groups
-    from zoexp.runner import Counters, make_closure
     from zoexp.scoring import Encoder
     from zoexp.tasks import Task
 

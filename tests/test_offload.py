@@ -11,11 +11,11 @@ import torch
 from conftest import REPO, compose
 from omegaconf import OmegaConf
 
+from zoexp.closure import Counters, make_closure
 from zoexp.methods import HZO, MeZO
 from zoexp.methods.deferred import DualPerturbation
 from zoexp.models import load_model, param_groups
 from zoexp.offload import dual_lm_loss, enable_offload
-from zoexp.runner import Counters, make_closure
 from zoexp.scoring import Encoder, lm_loss, score_candidates
 from zoexp.tasks import Example
 

@@ -10,9 +10,9 @@ import reference
 import torch
 from toys import Quadratic, flat
 
+from zoexp.closure import Counters, make_closure
 from zoexp.methods import MeZO, philox
 from zoexp.models import param_groups
-from zoexp.runner import Counters, make_closure
 from zoexp.scoring import Encoder
 from zoexp.tasks import Example
 

@@ -126,7 +126,7 @@ def test_a_table_sweep_writes_tagged_rows_and_a_rerun_resumes(tmp_path, fixture_
 def test_every_experiment_composes_with_the_table_sweeper(name):
     from hydra import compose, initialize_config_dir
 
-    from zoexp.cli import register_tasks
+    from zoexp.configs import register_tasks
     from zoexp.paths import conf_dir
 
     register_tasks()

@@ -24,7 +24,7 @@ Paper-shaped models are built from ``transformers.OPTConfig`` on the meta device
 directly on the target device in the target dtype (speed and memory do not depend on weight values);
 the offloaded model's host copy gives every layer the values of layer 0 (one layer of host memory
 besides the pinned buckets). Batches are synthetic: one token per word through a word tokenizer that
-takes the Encoder's slow-tokenizer path, so the real closures (``zoexp.runner.make_closure``, the
+takes the Encoder's slow-tokenizer path, so the real closures (``zoexp.closure.make_closure``, the
 offloaded dual forward) run without any tokenizer files.
 
 Everything measured goes to DIR/gpu_check.json and DIR/gpu_check.md, rewritten after every entry: a run
@@ -494,7 +494,7 @@ def device_memory(s: Settings) -> int:
 
 
 def closure_for(model, tok, batch, counters=None):
-    from zoexp.runner import Counters, make_closure
+    from zoexp.closure import Counters, make_closure
     from zoexp.scoring import Encoder
 
     return make_closure(model, Encoder(tok, max_length=4096), batch, tok.pad_token_id, counters or Counters())
@@ -635,9 +635,9 @@ RESTORE_REACH = {"mezo": 12.0, "hizoo": 12.0, "focus": 12.0, "hzo": 64.0}
 
 
 def check_offload_equals_plain(s: Settings, rec: Recorder, budget: Budget) -> None:
+    from zoexp.closure import Counters
     from zoexp.models import param_groups  # noqa: F401 (build_method binds the groups)
     from zoexp.offload import enable_offload
-    from zoexp.runner import Counters
 
     tok = WordTokenizer(s.vocab)
     for method in ("mezo", "hzo"):
@@ -1198,8 +1198,8 @@ def real_weights(s: Settings, rec: Recorder, budget: Budget) -> None:
     import yaml
     from omegaconf import OmegaConf
 
+    from zoexp.closure import Counters, make_closure
     from zoexp.models import load_model
-    from zoexp.runner import Counters, make_closure
     from zoexp.scoring import Encoder
     from zoexp.tasks import Task
 

@@ -32,10 +32,10 @@ def measure(cfg: DictConfig) -> dict:
     """Measure one method in this process (the child side)."""
     import torch
 
+    from zoexp.closure import Counters, make_closure, seed_everything
     from zoexp.measure import Meter, current_rss, device_name
     from zoexp.methods import build_method
     from zoexp.models import load_model, resolve_device, resolve_dtype
-    from zoexp.runner import Counters, make_closure, seed_everything
     from zoexp.scoring import Encoder
     from zoexp.tasks import Task
 

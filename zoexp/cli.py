@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from zoexp.configs import help_groups, register_resolvers, register_tasks  # noqa: F401
+from zoexp.configs import register_resolvers, register_tasks
 from zoexp.paths import conf_dir
 from zoexp.validate import EXIT_DIVERGED, EXIT_FAILED, EXIT_OK, EXIT_USER_ERROR
 

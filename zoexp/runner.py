@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoexp import distributed, resume, validate
 from zoexp.checkpoint import file_crc32, load_into, save_tensors
-from zoexp.closure import Counters, LossClosure, make_closure, seed_everything  # noqa: F401 (runner.X for callers)
+from zoexp.closure import Counters, make_closure, seed_everything
 from zoexp.evaluation import evaluate
 from zoexp.icl import with_demonstrations
 from zoexp.loggers import MetricsLogger, learning_rate, memory_peaks
