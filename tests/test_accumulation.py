@@ -12,7 +12,7 @@ from fo_helpers import batch
 
 from zoexp.closure import Counters, make_closure
 from zoexp.methods import build_method
-from zoexp.runner import SettingsError, accumulation_steps
+from zoexp.training import SettingsError, accumulation_steps
 from zoexp.scoring import Encoder
 
 ZO_METHODS = [

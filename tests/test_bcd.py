@@ -13,7 +13,7 @@ from torch import nn
 from toys import Quadratic
 
 from zoexp.methods import BlockCoordinate
-from zoexp.runner import BestWeights
+from zoexp.training import BestWeights
 
 
 class Stack(nn.Module):

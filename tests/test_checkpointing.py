@@ -24,7 +24,7 @@ from zoexp.resume import (
     ResumeError,
     fingerprint,
     latest_valid,
-    plan,
+    resume_point,
     run_identity,
     verify,
 )
@@ -184,15 +184,15 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     model, opt, ckpt = _setup(tmp_path)
     cfg = OmegaConf.merge(_Cfg.make(), {"run": {"resume": "auto"}, "method": {"lr": 0.2}})
     with pytest.raises(ResumeError, match=r"method\.lr: 0\.1 -> 0\.2"):
-        plan(cfg, tmp_path, Single(torch.device("cpu")))
+        resume_point(cfg, tmp_path, Single(torch.device("cpu")))
     # placement keys may change between a run and its continuation
     cfg = OmegaConf.merge(_Cfg.make(every=5), {"run": {"resume": "auto", "device": "cpu"}})
     assert run_identity(cfg) == run_identity(_Cfg.make())
-    assert plan(cfg, tmp_path, Single(torch.device("cpu"))).checkpoint.name == "step-00000006"
+    assert resume_point(cfg, tmp_path, Single(torch.device("cpu"))).checkpoint.name == "step-00000006"
     # run.resume=never in a directory that holds checkpoints is refused rather than overwritten
     cfg = OmegaConf.merge(_Cfg.make(), {"run": {"resume": "never"}})
     with pytest.raises(ResumeError, match="already holds checkpoints"):
-        plan(cfg, tmp_path, Single(torch.device("cpu")))
+        resume_point(cfg, tmp_path, Single(torch.device("cpu")))
 
 
 def test_finished_run_is_returned_not_rerun(tmp_path):
@@ -201,14 +201,14 @@ def test_finished_run_is_returned_not_rerun(tmp_path):
     cfg = OmegaConf.merge(_Cfg.make(), {"run": {"resume": "auto"}})
     done = {"status": "ok", "test/acc": 0.75, "config_fingerprint": fingerprint(run_identity(cfg))}
     (tmp_path / "result.json").write_text(json.dumps(done))
-    assert plan(cfg, tmp_path, Single(torch.device("cpu"))).finished["test/acc"] == 0.75
+    assert resume_point(cfg, tmp_path, Single(torch.device("cpu"))).finished["test/acc"] == 0.75
     # the finished run of another configuration in the same directory is refused, never overwritten
     other = OmegaConf.merge(cfg, {"method": {"lr": 0.5}})
     with pytest.raises(ResumeError, match="another configuration"):
-        plan(other, tmp_path, Single(torch.device("cpu")))
+        resume_point(other, tmp_path, Single(torch.device("cpu")))
     # run.resume=never would overwrite the finished run: refused too
     with pytest.raises(ResumeError, match="run.resume=never"):
-        plan(OmegaConf.merge(cfg, {"run": {"resume": "never"}}), tmp_path, Single(torch.device("cpu")))
+        resume_point(OmegaConf.merge(cfg, {"run": {"resume": "never"}}), tmp_path, Single(torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------- signals

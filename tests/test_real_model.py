@@ -44,7 +44,7 @@ def test_zero_shot_on_200_validation_examples(smollm2, sst2):
 def test_mezo_lowers_the_training_loss_in_100_steps(smollm2, sst2):
     from zoexp.methods import MeZO
     from zoexp.models import param_groups
-    from zoexp.runner import BatchSampler
+    from zoexp.training import BatchSampler
     from zoexp.scoring import Encoder, lm_loss
 
     model, tok = smollm2

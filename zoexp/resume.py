@@ -384,7 +384,10 @@ class Checkpointer:
 
 
 @dataclass
-class Plan:
+class ResumePoint:
+    """Where a run starts: its directory, a checkpoint to continue (None: from the beginning), or the row of
+    a run that already finished there; ``skipped`` names corrupt checkpoints passed over."""
+
     run_dir: Path
     checkpoint: Path | None = None
     finished: dict | None = None
@@ -398,13 +401,13 @@ def resume_mode(cfg: DictConfig) -> str:
     return str(value)
 
 
-def plan(cfg: DictConfig, run_dir: Path, dist) -> Plan:
+def resume_point(cfg: DictConfig, run_dir: Path, dist) -> ResumePoint:
     """Decide (on the main process, shared with all) which directory this run uses and what it continues."""
     decision = None
     if dist.is_main:
         try:
             lock_run_dir(Path(run_dir))
-            decision = ("ok", _plan(cfg, Path(run_dir)))
+            decision = ("ok", _resume_point(cfg, Path(run_dir)))
         except ResumeError as exc:
             decision = ("error", str(exc))
     kind, value = dist.broadcast(decision)
@@ -413,7 +416,7 @@ def plan(cfg: DictConfig, run_dir: Path, dist) -> Plan:
     return value
 
 
-def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
+def _resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint:
     mode = resume_mode(cfg)
     explicit = None
     if mode not in ("auto", "never"):
@@ -438,7 +441,7 @@ def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
             if mode == "never":
                 raise ResumeError(f"{run_dir} holds a finished run of this configuration and run.resume=never "
                                   "would overwrite it; choose another run.name, or run.resume=auto to get its row")
-            return Plan(run_dir, finished=row)
+            return ResumePoint(run_dir, finished=row)
     if explicit is not None:
         verify(explicit)
         latest, skipped = explicit, []
@@ -448,7 +451,7 @@ def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
         if mode not in ("auto", "never"):
             raise ResumeError(f"run.resume={mode}: no valid checkpoint in {run_dir / CHECKPOINTS}"
                               + (f" ({'; '.join(skipped)})" if skipped else ""))
-        return Plan(run_dir, skipped=tuple(skipped))
+        return ResumePoint(run_dir, skipped=tuple(skipped))
     if mode == "never":
         raise ResumeError(f"{run_dir} already holds checkpoints of an earlier run; continue it with "
                           "run.resume=auto, or choose another run.name / run directory")
@@ -460,7 +463,7 @@ def _plan(cfg: DictConfig, run_dir: Path) -> Plan:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in diff[:8])
         raise ResumeError(f"checkpoint {latest} was made by a different configuration ({shown}); "
                           "resume with the same settings, or start a new run (another run.name)")
-    return Plan(run_dir, checkpoint=latest, skipped=tuple(skipped))
+    return ResumePoint(run_dir, checkpoint=latest, skipped=tuple(skipped))
 
 
 def _differences(run_dir: Path, cfg: DictConfig) -> str:
@@ -480,7 +483,7 @@ def _differences(run_dir: Path, cfg: DictConfig) -> str:
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Raise ``ResumeError`` if ``run_dir`` holds a run this config may not continue or overwrite (the
-    checks of ``plan``, done before Hydra writes into the directory; see zoexp.validate.PreRunChecks)."""
+    checks of ``resume_point``, done before Hydra writes into the directory; see zoexp.validate.PreRunChecks)."""
     run_dir = Path(run_dir)
     if (run_dir / ".hydra" / "config.yaml").is_file() and resume_mode(cfg) in ("auto", "never"):
         diff = _differences(run_dir, cfg)
@@ -488,7 +491,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
             raise ResumeError(f"{run_dir} holds a run of another configuration{diff}; "
                               "choose another run.name (or remove that directory)")
     if run_dir.is_dir() or resume_mode(cfg) not in ("auto", "never"):
-        _plan(cfg, run_dir)
+        _resume_point(cfg, run_dir)
 
 
 _LOCKS: dict[str, int] = {}
