@@ -71,6 +71,10 @@ def test_override_values_and_job_keys():
     assert format_value(1e-6) == "1e-06" and format_value(None) == "null" and format_value(True) == "true"
     assert format_value("r2-nu50") == "r2-nu50" and format_value("a b") == "'a b'" and format_value([1, 2]) == "[1,2]"
     assert job_key(["a=1", "b=2"]) == job_key(["b=2", "+a=1", "cell.job=x"]) != job_key(["a=1", "b=3"])
+    # how a run is shown, or where its rows go, is not what it computes: a re-run still skips it
+    assert job_key(["a=1"]) == job_key(["a=1", "run.progress=false", "logger=tensorboard", "results_dir=/tmp/r",
+                                        "hydra.sweeper.dry_run=true"])
+    assert job_key(["a=1"]) != job_key(["a=1", "run.log_every=2"])
 
 
 @pytest.mark.parametrize("name", experiment_names())

@@ -74,9 +74,15 @@ class Job:
         return job_key(self.overrides().values())
 
 
+# settings that change how a run is shown or where its files go, never its result: not part of a job's identity,
+# so `make reproduce-... PROFILE=cpu` skips a job done earlier with run.progress=false (or another logger)
+PRESENTATION = ("cell.job", "run.progress", "logger", "hydra.", "results_dir")
+
+
 def job_key(overrides: Iterable[str]) -> str:
-    """Identity of a job (its full override list, order-free): what a re-run skips when it is done."""
-    text = json.dumps(sorted(_bare(o) for o in overrides if not _bare(o).startswith("cell.job=")))
+    """Identity of a job (its override list, order-free, without ``PRESENTATION`` settings): what a re-run
+    skips when it is done."""
+    text = json.dumps(sorted(_bare(o) for o in overrides if not _bare(o).startswith(PRESENTATION)))
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
