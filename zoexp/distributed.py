@@ -154,31 +154,26 @@ class DataParallel(Single):
 
         def global_loss(*args):  # args: (part, parts) of gradient accumulation, passed through
             local = closure(*args)
-            value = local.detach().reshape(()).to(torch.float64) * float(local_weight)
-            stop = torch.tensor(float(bool(self.local_stop())), dtype=torch.float64)
-            buf = torch.stack([value.to(self.comm_device), stop.to(self.comm_device)])
-            # one all-reduce of two float64 per forward pass: the loss sum and the ranks' stop votes
-            self._all_reduce(buf, "loss")
-            self._votes = int(buf[1].item())
-            total = (buf[0] / float(total_weight)).to(device=local.device, dtype=local.dtype)
+            (total,) = self._global_losses([local], local_weight, total_weight)
             if torch.is_grad_enabled() and local.requires_grad:
                 return _GlobalLoss.apply(local, total, scale)
             return total
 
         dual = getattr(closure, "dual", None)
         if dual is not None:  # offloaded ZO steps: (L+, L-) from one pass, reduced together (zoexp.offload)
-            def global_dual(*args, **kwargs):
-                losses = dual(*args, **kwargs)
-                values = [v.detach().reshape(()).to(torch.float64) * float(local_weight) for v in losses]
-                stop = torch.tensor(float(bool(self.local_stop())), dtype=torch.float64)
-                buf = torch.stack([*(v.to(self.comm_device) for v in values), stop.to(self.comm_device)])
-                self._all_reduce(buf, "loss")
-                self._votes = int(buf[-1].item())
-                return tuple((buf[i] / float(total_weight)).to(device=v.device, dtype=v.dtype)
-                             for i, v in enumerate(losses))
-
-            global_loss.dual = global_dual
+            global_loss.dual = lambda *args, **kwargs: self._global_losses(dual(*args, **kwargs), local_weight,
+                                                                           total_weight)
         return global_loss
+
+    def _global_losses(self, losses, local_weight: float, total_weight: float) -> tuple:
+        """The global mean of each of this rank's ``losses`` (weighted by ``local_weight`` of ``total_weight``),
+        and every rank's stop vote, from one all-reduce of float64s."""
+        values = [v.detach().reshape(()).to(torch.float64) * float(local_weight) for v in losses]
+        stop = torch.tensor(float(bool(self.local_stop())), dtype=torch.float64)
+        buf = torch.stack([*(v.to(self.comm_device) for v in values), stop.to(self.comm_device)])
+        self._all_reduce(buf, "loss")
+        self._votes = int(buf[-1].item())
+        return tuple((buf[i] / float(total_weight)).to(device=v.device, dtype=v.dtype) for i, v in enumerate(losses))
 
     def sync_gradients(self, optimizer) -> None:
         """All-reduce (sum) the gradient of every parameter the optimizer owns as backward produces it.

@@ -281,8 +281,10 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
                     cell.missing, cell.expected = "paper only", True
                 elif col.get("aggregate") or col.get("relative"):
                     pass  # filled below from the other cells of the row
-                elif lrow.get("unavailable") or col.get("unavailable"):
-                    cell.missing, cell.reason = "unavailable", lrow.get("unavailable") or col.get("unavailable")
+                elif lrow.get("unavailable") or col.get("unavailable") or col["key"] in (lrow.get("not_applicable") or {}):
+                    cell.missing = "unavailable"
+                    cell.reason = (lrow.get("unavailable") or col.get("unavailable")
+                                   or lrow["not_applicable"][col["key"]])
                 else:
                     select = {**(panel.get("select") or {}), **(lrow.get("select") or {}), **(col.get("select") or {})}
                     _fill(cell, select, rows, models, profile, sources)

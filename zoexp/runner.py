@@ -158,12 +158,11 @@ def _run_and_record(cfg: DictConfig, start: resume.ResumePoint, dist, keep_resul
     return row
 
 
-def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist=None, collective: bool = True,
+def _finish(cfg: DictConfig, row: dict, meter: Meter, t_start: float, dist, collective: bool = True,
             result_dir: Path | None = None) -> None:
     row.update(meter.values)
     row["time/total_s"] = time.perf_counter() - t_start
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    dist = dist or distributed.Single(meter.device)
     if collective:  # wall-clock and memory: the maximum over ranks
         dist.reduce_measurements(row)
     if dist.enabled:
