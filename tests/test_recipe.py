@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import compose
+
 from zoexp.closure import Counters
 from zoexp.runner import Settings, TrainState
 
