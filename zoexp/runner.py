@@ -38,6 +38,7 @@ from zoexp.training import (
     BestWeights,
     Diverged,
     accumulation_steps,
+    check_lr_schedule,
     lr_scheduler,
     progress_display,
     training_loss,
@@ -220,8 +221,7 @@ class Settings:
             max_length=int(run.max_length) if run.get("max_length") else None,
             max_new_tokens=int(max_new) if max_new is not None else None,
         )
-        if settings.lr_schedule not in ("constant", "linear"):
-            raise ValueError(f"run.lr_schedule must be constant or linear, not {settings.lr_schedule!r}")
+        check_lr_schedule(settings.lr_schedule)
         return settings
 
 

@@ -199,10 +199,19 @@ def progress_display(enabled: bool):
 
 
 
+LR_SCHEDULES = ("constant", "linear")
+
+
+def check_lr_schedule(kind: str) -> str:
+    """``kind`` if it is a ``run.lr_schedule`` this loop knows, else one clear error."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"run.lr_schedule must be constant or linear, not {kind!r}")
+    return kind
+
+
 def lr_scheduler(optimizer, kind: str, steps: int):
     """``run.lr_schedule``: constant (None: no scheduler) or linear decay to 0 over ``steps``."""
     if kind == "constant":
         return None
-    if kind == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(steps, 1)))
-    raise ValueError(f"run.lr_schedule must be constant or linear, not {kind!r}")
+    check_lr_schedule(kind)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(steps, 1)))
