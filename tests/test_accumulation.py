@@ -12,8 +12,8 @@ from fo_helpers import batch
 
 from zoexp.closure import Counters, make_closure
 from zoexp.methods import build_method
-from zoexp.training import SettingsError, accumulation_steps
 from zoexp.scoring import Encoder
+from zoexp.training import SettingsError, accumulation_steps
 
 ZO_METHODS = [
     ("mezo", ["method.lr=1e-3"]),

@@ -59,7 +59,7 @@ def test_one_step_hessian_update_matches_the_formula(update):
         opt.step(q)
         m = opt.metrics()
         c = (m["loss_plus"] + m["loss_minus"] - 2 * m["loss_0"]) / (2 * 1e-2**2)
-        for (key, p), d in zip(opt.items(), d0):
+        for (key, p), d in zip(opt.keyed_params(), d0):
             z = reference_noise(p.shape, key, seed)
             est = c * d * (z * z - 1)
             expected = {"printed": (1 - 0.05) * d + 0.05 * est.abs(), "signed": ((1 - 0.05) * d + 0.05 * est).abs(),
@@ -112,7 +112,7 @@ def test_preconditioned_direction_is_sigma_times_gradient():
     for _ in range(n):
         seed = opt.step_seed()
         opt.step(q)
-        u = flat(*(reference_noise(p.shape, k, seed) / opt.hessian(p).sqrt() for k, p in opt.items()))
+        u = flat(*(reference_noise(p.shape, k, seed) / opt.hessian(p).sqrt() for k, p in opt.keyed_params()))
         total += opt.metrics()["proj_grad"] * u
     newton = flat(q.w - q.c_w, q.b - q.c_b)
     cosine = torch.nn.functional.cosine_similarity(total / n, newton, dim=0).item()
@@ -128,7 +128,7 @@ def test_step_moves_along_minus_g_u_with_the_old_hessian():
     seed = opt.step_seed()
     opt.step(q)
     g = opt.metrics()["proj_grad"]
-    for (key, p), p0 in zip(opt.items(), q0.parameters()):
+    for (key, p), p0 in zip(opt.keyed_params(), q0.parameters()):
         u = reference_noise(p.shape, key, seed) / 2.0  # D^{-1/2} z with the D used for the perturbation
         assert torch.allclose(p.detach(), p0.detach() - 1e-2 * g * u, atol=1e-5)
         assert not torch.equal(opt.hessian(p), torch.full_like(p, 4.0))  # and D moved afterwards

@@ -53,7 +53,7 @@ def test_estimate_is_unbiased_with_the_1_over_r_scaling():
     q = Quadratic(shape=(9, 7), n_vec=4, dtype=torch.float64)
     r = 3
     opt = _pure(q, lr=0.0, eps=1e-6, rank=r, interval=1)
-    (key, w), _ = list(opt.items())
+    (key, w), _ = list(opt.keyed_params())
     total = torch.zeros_like(w)
     n = 4000
     for t in range(n):
@@ -76,7 +76,7 @@ def test_update_uses_exactly_the_u_and_v_of_its_finite_difference(t_check):
     opt = _pure(q, lr=lr, eps=eps, rank=r, interval=5)
     for _ in range(t_check):
         opt.step(q)
-    (kw, w), (kb, b) = list(opt.items())
+    (kw, w), (kb, b) = list(opt.keyed_params())
     w0, b0 = w.detach().clone(), b.detach().clone()
     u, v, _ = _factors(opt, kw, w, t_check)
     z = reference_noise(b.shape, kb, opt.step_seed(t_check), dtype=b.dtype)

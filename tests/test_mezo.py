@@ -54,7 +54,7 @@ def test_step_moves_along_minus_g_z():
     seed = opt.step_seed()
     opt.step(q)
     g = opt.metrics()["proj_grad"]
-    for (key, p), p0 in zip(opt.items(), q0.parameters()):
+    for (key, p), p0 in zip(opt.keyed_params(), q0.parameters()):
         z = reference_noise(p.shape, key, seed)
         assert torch.allclose(p.detach(), p0.detach() - 1e-2 * g * z, atol=1e-5)
 
@@ -64,7 +64,7 @@ def test_projected_gradient_matches_directional_derivative():
     opt = MeZO(q.groups(), lr=0.0, eps=1e-4)
     seed = opt.step_seed()
     opt.step(q)
-    z = flat(*(reference_noise(p.shape, k, seed) for k, p in opt.items()))
+    z = flat(*(reference_noise(p.shape, k, seed) for k, p in opt.keyed_params()))
     true = torch.dot(flat(*q.grad()), z).item()
     assert opt.metrics()["proj_grad"] == pytest.approx(true, rel=1e-2, abs=1e-2)
 
@@ -77,7 +77,7 @@ def test_estimate_is_unbiased_on_a_quadratic():
     for _ in range(n):
         seed = opt.step_seed()
         opt.step(q)
-        z = flat(*(reference_noise(p.shape, k, seed) for k, p in opt.items()))
+        z = flat(*(reference_noise(p.shape, k, seed) for k, p in opt.keyed_params()))
         total += opt.metrics()["proj_grad"] * z
     estimate, true = total / n, flat(*q.grad())
     cosine = torch.nn.functional.cosine_similarity(estimate, true, dim=0).item()

@@ -58,9 +58,10 @@ def test_one_step_estimate_on_an_indefinite_quadratic(update):
 def test_eq3_default_is_printed_and_fp32_state():
     q = Quadratic()
     opt = HiZOO(q.groups())
-    assert opt.hessian_update == "printed" and opt.hessian_form == "hizoo" and opt.hessian(q.w).dtype == torch.float32
+    group = opt.param_groups[0]  # hyperparameters live in the param groups, as in torch.optim
+    assert group["hessian_update"] == "printed" and group["hessian_form"] == "hizoo" and opt.hessian(q.w).dtype == torch.float32
     f = FOCUS(BlockQuadratic().groups())
-    assert f.hessian_update == "printed" and f.hessian_form == "focus"
+    assert f.param_groups[0]["hessian_update"] == "printed" and f.param_groups[0]["hessian_form"] == "focus"
     assert f.selector.bandit == "printed" and f.selector.gsd_scores == "probe" and f.selector.bernoulli_probs == "bandit"
 
 

@@ -44,8 +44,8 @@ def test_zero_shot_on_200_validation_examples(smollm2, sst2):
 def test_mezo_lowers_the_training_loss_in_100_steps(smollm2, sst2):
     from zoexp.methods import MeZO
     from zoexp.models import param_groups
-    from zoexp.training import BatchSampler
     from zoexp.scoring import Encoder, lm_loss
+    from zoexp.training import BatchSampler
 
     model, tok = smollm2
     task, data_dir = sst2

@@ -136,7 +136,7 @@ def _z_pass(optimizer, repeats: int, sync) -> dict:
     the unit a ZO step repeats (MeZO: 3 per step). It moves the weights; the measuring process ends here."""
     import torch
 
-    items = list(optimizer.items())
+    items = list(optimizer.keyed_params())
     wall, cpu = [], []
     with torch.no_grad():
         for i in range(repeats + 1):

@@ -52,6 +52,12 @@ def decays(p: torch.Tensor) -> bool:
     return p.ndim >= 2
 
 
+def decay_factor(lr: float, weight_decay: float, p: torch.Tensor) -> float:
+    """The factor a = 1 − ηλ that decoupled weight decay multiplies ``p`` by in one step; 1.0 for a
+    bias or norm scale (``decays``) or without decay. Every ZO update writes θ ← a θ − η g d."""
+    return 1.0 - lr * weight_decay if weight_decay and decays(p) else 1.0
+
+
 class Method(Optimizer):
     """Base class: bookkeeping every method shares (state bytes, forward-pass count, step counter)."""
 
@@ -94,6 +100,9 @@ class ZOMethod(Method):
     def __init__(self, params, defaults: dict, seed: int = 0, noise_threads: int | None = None,
                  chunk: int | None = None, noise: str | None = None):
         super().__init__(params, defaults)
+        if "eps" in defaults and len({g["eps"] for g in self.param_groups}) > 1:
+            raise ValueError("a ZO step has one perturbation size: every param group needs the same eps "
+                             f"(got {sorted({g['eps'] for g in self.param_groups})})")
         self.seed = int(seed)
         self.steps_done = 0
         # noise: the z backend (auto | philox | torch; None = $ZOEXP_NOISE or auto), see zoexp.methods.noise
@@ -114,10 +123,16 @@ class ZOMethod(Method):
     def step_seed(self, t: int | None = None) -> int:
         return mix(self.seed, self.steps_done if t is None else t)
 
-    def items(self, groups: Iterable[dict] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def keyed_params(self, groups: Iterable[dict] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(key, parameter) pairs of these groups (all by default); the key seeds the parameter's z."""
         for group in self.param_groups if groups is None else groups:
             for p in group["params"]:
                 yield self._keys[p], p
+
+    @property
+    def eps(self) -> float:
+        """ε of the two-point estimate (the same in every perturbed group, checked at construction)."""
+        return self.param_groups[self.zo_group_ids()[0]]["eps"]
 
     def metrics(self) -> dict:
         return dict(self._last)
@@ -137,6 +152,33 @@ class ZOMethod(Method):
     def update_group_(self, group: dict, t: int, grad: float, lr: float, weight_decay: float) -> None:
         """θ_g ← θ_g − lr (grad · d_t + λ θ_g), from unperturbed weights."""
         raise NotImplementedError(f"{type(self).__name__} does not support offloading")
+
+    # ----------------------------------------------------------------- the two-point step
+
+    def spsa_step(self, closure, perturb, restore_and_update, finite_too: tuple[float, ...] = ()
+                  ) -> tuple[float, float, float, bool]:
+        """One two-point SPSA estimate, (loss+, loss−, projected grad g, finite):
+
+            θ += ε d;  L₊ = L(θ);  θ −= 2ε d;  L₋ = L(θ);  g = (L₊ − L₋) / 2ε
+
+        then ``restore_and_update(g, L₊, L₋)`` takes θ − εd to the updated θ in one pass; when a loss
+        (or a value in ``finite_too``) is not finite, θ is only restored (the runner stops the run).
+        ``perturb(s)`` moves θ by s·ε·d. With an offloader attached the step is one dual forward
+        instead (``offloaded_zo_step``), and the update is deferred.
+        """
+        if self.offloader is not None:
+            return self.offloaded_zo_step(closure)
+        perturb(1.0)
+        loss_plus = loss_value(closure())
+        perturb(-2.0)
+        loss_minus = loss_value(closure())
+        grad = (loss_plus - loss_minus) / (2 * self.eps)
+        ok = finite(loss_plus, loss_minus, *finite_too)
+        if ok:
+            restore_and_update(grad, loss_plus, loss_minus)
+        else:
+            perturb(1.0)
+        return loss_plus, loss_minus, grad, ok
 
     # ----------------------------------------------------------------- offloading
 
@@ -185,8 +227,7 @@ class ZOMethod(Method):
         perturbation = DualPerturbation(self, t)
         loss_plus, loss_minus = (loss_value(v) for v in dual(perturbation))
         perturbation.close()
-        eps0 = self.param_groups[self.zo_group_ids()[0]]["eps"]
-        grad = (loss_plus - loss_minus) / (2 * eps0)
+        grad = (loss_plus - loss_minus) / (2 * self.eps)
         ok = finite(loss_plus, loss_minus)
         if ok:
             self._pending = {gi: (t, grad, self.param_groups[gi]["lr"], self.param_groups[gi]["weight_decay"])
@@ -203,6 +244,9 @@ class ZOMethod(Method):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before a hyperparameter moved into the groups
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
         if zo is not None:
             self.seed, self.steps_done = int(zo["seed"]), int(zo["steps_done"])
             self._pending = {int(k): (int(v[0]), *map(float, v[1:])) for k, v in zo.get("pending", {}).items()}

@@ -7,7 +7,7 @@ import math
 import torch
 
 from zoexp.methods.base import finite, loss_value, tensor_bytes
-from zoexp.methods.hizoo import HiZOO
+from zoexp.methods.hizoo import HessianZO
 from zoexp.methods.noise import mix
 from zoexp.methods.selection import RULES, BlockSelector
 
@@ -15,7 +15,7 @@ _SELECT = 0x5E1EC7  # domain tag: selection seeds never coincide with perturbati
 _PROBE = 0x9B0BE5  # domain tag of the greedy-GSD probe's z
 
 
-class FOCUS(HiZOO):
+class FOCUS(HessianZO):
     r"""Block-coordinate HiZOO: k active transformer blocks get the Hessian-preconditioned ZO update,
     the rest stay frozen; embeddings, LM head and any other non-block group (final norm, ...) are
     updated by plain MeZO every step with the same two perturbed losses.
@@ -46,6 +46,10 @@ class FOCUS(HiZOO):
     it is active, else I, the value it would be re-initialised to) with a probe seed, S_j from the same
     formula; nothing is updated by the probe. ``row_fields`` reports how often each block was active and
     the mean ± std of its observed per-step scores.
+
+    Composition: the Hessian-preconditioned step is ``HessianZO.hessian_step`` (shared with HiZOO), the
+    choice of blocks is ``BlockSelector`` (``zoexp.methods.selection``); this class moves the D's between
+    blocks and turns each step's Σ z² into block scores.
     """
 
     def __init__(self, params, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -98,29 +102,24 @@ class FOCUS(HiZOO):
         """Three forwards per step, plus the greedy-GSD probe's two at every selection."""
         return 3 + (2 / self.interval if self.selector.needs_probe else 0)
 
-    def _init_hessians(self) -> None:  # D exists only for active blocks, created at selection
-        pass
-
-    def plain_items(self) -> list[tuple[int, torch.Tensor]]:
-        return list(self.items(g for g in self.param_groups if g.get("role") != "block"))
-
-    def hessian_items(self) -> list[tuple[int, torch.Tensor]]:
-        return [(k, self._param_of[k]) for b in self.active for k in self._block_keys[b]]
-
-    def _wants_block_scores(self) -> bool:
-        return True  # the row's per-block score statistics (one dot product per chunk)
+    def step_items(self) -> list[tuple[int, torch.Tensor]]:
+        """(key, parameter) pairs one step perturbs: the active blocks (along D^{-1/2} z), then the
+        always-active non-block groups (along z)."""
+        active = [(k, self._param_of[k]) for b in self.active for k in self._block_keys[b]]
+        return active + list(self.keyed_params(g for g in self.param_groups if g.get("role") != "block"))
 
     @torch.no_grad()
     def step(self, closure):
-        self._closure = closure
-        try:
-            return super().step(closure)
-        finally:
-            self._closure = None
-
-    def _before_step(self) -> None:
+        if closure is None:
+            raise ValueError("FOCUS.step needs a closure that returns the loss")
         if self.steps_done % self.interval == 0:
-            self.select_blocks(getattr(self, "_closure", None))
+            self.select_blocks(closure)
+        # block_scores: the row's per-block score statistics and the bandit's input (one dot product per chunk)
+        loss0, loss_plus, loss_minus, grad, ok, sq = self.hessian_step(closure, self.step_items(), block_scores=True)
+        if ok:
+            self.observe(sq, grad)
+        self.record(loss0, loss_plus, loss_minus, grad)
+        return torch.tensor(loss0)
 
     def probe_scores(self, closure) -> dict[int, float]:
         """Alg. 4's S_j for every block from one two-point probe (two forwards; weights restored)."""
@@ -128,16 +127,17 @@ class FOCUS(HiZOO):
             raise ValueError("greedy GSD with gsd_scores=probe needs the step's closure")
         seed, eps = mix(self.seed, _PROBE, self.selector.selections), self.eps
         items = [(k, self._param_of[k]) for keys in self._block_keys for k in keys]
-        self._perturb(items, seed, eps)
+        # the probe moves every block by ±ε: the same ε as the step's (one ε per method, ZOMethod.eps)
+        self._perturb(items, seed, 1.0)
         loss_plus = loss_value(closure())
-        self._perturb(items, seed, -2 * eps)
+        self._perturb(items, seed, -2.0)
         loss_minus = loss_value(closure())
         sq: dict[tuple[int, int], float] = {}
 
         def restore(view, z, key, a, b):
-            st = self.state.get(self._param_of[key])
-            if st and "hessian" in st:
-                view.addcmul_(z, torch.rsqrt(st["hessian"].view(-1)[a:b]), value=eps)
+            d = self._d(key)
+            if d is not None:
+                view.addcmul_(z, torch.rsqrt(d.view(-1)[a:b]), value=eps)
             else:
                 view.add_(z, alpha=eps)
             sq[(key, a)] = float(z.double().square().sum())
@@ -151,7 +151,7 @@ class FOCUS(HiZOO):
 
     def _scores_from(self, sq: dict, grad: float, blocks) -> dict[int, float]:
         sums = [0.0] * self.n_blocks
-        for (key, _), value in sq.items():
+        for (key, _), value in sorted(sq.items()):  # a fixed order: the noise workers fill sq in any order
             b = self._block_of.get(key)
             if b is not None:
                 sums[b] += value
@@ -168,18 +168,18 @@ class FOCUS(HiZOO):
         new = self.selector.select(gen, scores)
         for b in set(self.active) - set(new):  # release first: the peak never holds both sets
             for k in self._block_keys[b]:
-                self.state.pop(self._param_of[k], None)
-        for b in new:
+                self.release_hessian(self._param_of[k])
+        for b in new:  # a block entering A gets D = 1 (Alg. 1 lines 4-5); one staying keeps its D
             for k in self._block_keys[b]:
-                p = self._param_of[k]
-                if "hessian" not in self.state.get(p, {}):
-                    self.state[p]["hessian"] = self.new_hessian(p)
+                if self._d(k) is None:
+                    self.add_hessian(self._param_of[k])
         self.active = list(new)
         self._score_sum.zero_()
         self._score_steps.zero_()
         return self.active
 
-    def _after_step(self, block_sq: dict, grad: float) -> None:
+    def observe(self, block_sq: dict, grad: float) -> None:
+        """Turn one step's Σ z² into the active blocks' scores: statistics, and the bandit's input."""
         for b in self.active:
             self._active_steps[b] += 1
         if not self.active:

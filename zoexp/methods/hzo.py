@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from zoexp.methods.base import ZOMethod, adam_eps, decays, finite, loss_value, tensor_bytes
+from zoexp.methods.base import ZOMethod, adam_eps, decay_factor, finite, loss_value, tensor_bytes
 from zoexp.methods.noise import U_TAG, V_TAG, factor_seed, lowrank_factor
 
 FO_OPTIMIZERS = {
@@ -146,7 +146,7 @@ class HZO(ZOMethod):
         """(low-rank (key, p) pairs, dense (key, p) pairs) of group ``gi``."""
         if gi not in self._split_cache:
             group = self.param_groups[gi]
-            pairs = list(self.items([group]))
+            pairs = list(self.keyed_params([group]))
             self._split_cache[gi] = ([(k, p) for k, p in pairs if self.is_lowrank(group, p)],
                                      [(k, p) for k, p in pairs if not self.is_lowrank(group, p)])
         return self._split_cache[gi]
@@ -198,20 +198,21 @@ class HZO(ZOMethod):
         per_r = self.lr_convention == "alpha"
         for key, p in lowrank:
             u, v, r = self.factors(key, p, t)
-            a = 1.0 - lr * wd if wd and decays(p) else 1.0
+            a = decay_factor(lr, wd, p)
             step = lr * grad / r if per_r else lr * grad
             p.view(p.shape[0], -1).addmm_(u, v.T, beta=a, alpha=a * eps - step)
         if not dense:
             return
         seed = self.step_seed(t)
-        decay = [(k, p) for k, p in dense if wd and decays(p)]
-        plain = [(k, p) for k, p in dense if not (wd and decays(p))]
-        if plain:
-            self.noise.add_(plain, seed, eps - lr * grad)
-        if decay:
-            a = 1.0 - lr * wd
+        by_factor: dict[float, list] = {}
+        for k, p in dense:
+            by_factor.setdefault(decay_factor(lr, wd, p), []).append((k, p))
+        for a, items in by_factor.items():
             coef = a * eps - lr * grad
-            self.noise.visit(decay, seed, lambda view, z, *_: view.mul_(a).add_(z, alpha=coef))
+            if a == 1.0:
+                self.noise.add_(items, seed, coef)
+            else:
+                self.noise.visit(items, seed, lambda view, z, *_, a=a, coef=coef: view.mul_(a).add_(z, alpha=coef))
 
     def _group_index(self, group: dict) -> int:
         for gi, g in enumerate(self.param_groups):
@@ -227,22 +228,16 @@ class HZO(ZOMethod):
             raise ValueError("HZO.step needs a closure that returns the loss")
         t = self.steps_done
         zo_groups = [self.param_groups[gi] for gi in self._zo_ids]
-        if self.offloader is not None:
-            loss_plus, loss_minus, grad, ok = self.offloaded_zo_step(closure)
-        else:
+
+        def perturb(scale):
             for group in zo_groups:
-                self.perturb_group_(group, t, +1.0)
-            loss_plus = loss_value(closure())
+                self.perturb_group_(group, t, scale)
+
+        def restore_and_update(grad, *_):
             for group in zo_groups:
-                self.perturb_group_(group, t, -2.0)
-            loss_minus = loss_value(closure())
-            grad = (loss_plus - loss_minus) / (2 * zo_groups[0]["eps"])
-            ok = finite(loss_plus, loss_minus)
-            for group in zo_groups:
-                if ok:
-                    self._restore_and_update(group, t, group["eps"], grad, group["lr"], group["weight_decay"])
-                else:  # restore only; the runner stops the run on a non-finite loss
-                    self.perturb_group_(group, t, +1.0)
+                self._restore_and_update(group, t, group["eps"], grad, group["lr"], group["weight_decay"])
+
+        loss_plus, loss_minus, grad, ok = self.spsa_step(closure, perturb, restore_and_update)
         fo_loss = None
         if ok and self._fo_ids and t % self.fo_every == 0:
             fo_loss = self._fo_step(closure)

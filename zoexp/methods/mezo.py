@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zoexp.methods.base import ZOMethod, decays, finite, loss_value
+from zoexp.methods.base import ZOMethod, decay_factor
 
 
 class MeZO(ZOMethod):
@@ -37,22 +37,9 @@ class MeZO(ZOMethod):
     def step(self, closure):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss")
-        if self.offloader is not None:
-            loss_plus, loss_minus, grad, _ = self.offloaded_zo_step(closure)
-            self._last = {"proj_grad": grad, "loss_plus": loss_plus, "loss_minus": loss_minus}
-            self.steps_done += 1
-            return torch.tensor((loss_plus + loss_minus) / 2)
         seed = self.step_seed()
-        self._perturb(seed, 1.0)
-        loss_plus = loss_value(closure())
-        self._perturb(seed, -2.0)
-        loss_minus = loss_value(closure())
-        eps0 = self.param_groups[0]["eps"]
-        grad = (loss_plus - loss_minus) / (2 * eps0)
-        if finite(loss_plus, loss_minus):
-            self._restore_and_update(seed, grad)
-        else:  # restore only; the runner stops the run on a non-finite loss
-            self._perturb(seed, 1.0)
+        loss_plus, loss_minus, grad, _ = self.spsa_step(
+            closure, lambda scale: self._perturb(seed, scale), lambda g, *_: self._restore_and_update(seed, g))
         self._last = {"proj_grad": grad, "loss_plus": loss_plus, "loss_minus": loss_minus}
         self.steps_done += 1
         return torch.tensor((loss_plus + loss_minus) / 2)
@@ -65,7 +52,7 @@ class MeZO(ZOMethod):
         """θ += scale · ε_group · z."""
         by_alpha: dict[float, list] = {}
         for group in self.param_groups:
-            by_alpha.setdefault(scale * group["eps"], []).extend(self.items([group]))
+            by_alpha.setdefault(scale * group["eps"], []).extend(self.keyed_params([group]))
         for alpha, items in by_alpha.items():
             self.noise.add_(items, seed, alpha)
 
@@ -75,9 +62,9 @@ class MeZO(ZOMethod):
         decay: dict[tuple[float, float], list] = {}
         for group in self.param_groups:
             eps, lr, wd = group["eps"], group["lr"], group["weight_decay"]
-            for k, p in self.items([group]):
-                if wd and decays(p):
-                    a = 1.0 - lr * wd
+            for k, p in self.keyed_params([group]):
+                a = decay_factor(lr, wd, p)
+                if a != 1.0:
                     decay.setdefault((a, a * eps - lr * grad), []).append((k, p))
                 else:
                     plain.setdefault(eps - lr * grad, []).append((k, p))
@@ -88,18 +75,20 @@ class MeZO(ZOMethod):
 
     def draws_per_step(self) -> int:
         """Random numbers one step draws (z over every parameter, regenerated three times)."""
-        return sum(p.numel() for _, p in self.items())
+        return sum(p.numel() for _, p in self.keyed_params())
 
     # per-group operations for offloaded steps (ZOMethod.offloaded_zo_step)
 
     def perturb_group_(self, group, t, scale) -> None:
-        self.noise.add_(self.items([group]), self.step_seed(t), scale * group["eps"])
+        self.noise.add_(self.keyed_params([group]), self.step_seed(t), scale * group["eps"])
 
     def update_group_(self, group, t, grad, lr, weight_decay) -> None:
         seed = self.step_seed(t)
-        decay = [(k, p) for k, p in self.items([group]) if weight_decay and decays(p)]
-        plain = [(k, p) for k, p in self.items([group]) if not (weight_decay and decays(p))]
-        if plain:
-            self.noise.add_(plain, seed, -lr * grad)
-        if decay:
-            self.noise.scale_add_(decay, seed, 1.0 - lr * weight_decay, -lr * grad)
+        by_factor: dict[float, list] = {}
+        for k, p in self.keyed_params([group]):
+            by_factor.setdefault(decay_factor(lr, weight_decay, p), []).append((k, p))
+        for a, items in by_factor.items():
+            if a == 1.0:
+                self.noise.add_(items, seed, -lr * grad)
+            else:
+                self.noise.scale_add_(items, seed, a, -lr * grad)
