@@ -68,6 +68,38 @@ def test_newest_code_keeps_each_methods_newest_version(toy):  # noqa: F811
     assert cell(build("toy", "smoke", kept), "mezo", "a").mean == pytest.approx(90.0)
 
 
+def test_the_shipped_equivalences_name_real_methods():
+    from zoexp import provenance
+    from zoexp.paths import conf_dir
+
+    provenance._canonical_versions.cache_clear()
+    listed = {method for method, _ in provenance._canonical_versions()}
+    assert "mezo" in listed and "focus" not in listed  # FOCUS's refactor moved bits (code_versions.yaml)
+    assert all((conf_dir() / "method" / f"{m}.yaml").is_file() for m in listed)
+
+
+def test_versions_listed_as_the_same_bits_count_as_one(toy, tmp_path, monkeypatch):  # noqa: F811
+    """zoexp/code_versions.yaml: a refactor's before/after versions make one table; others still refuse."""
+    from zoexp import provenance
+
+    listing = tmp_path / "code_versions.yaml"
+    listing.write_text("- commit: a refactor\n  evidence: fingerprints equal\n"
+                       "  versions: {mezo: [aaaaaaaaaaaa, bbbbbbbbbbbb]}\n"
+                       "- commit: another\n  versions: {mezo: [bbbbbbbbbbbb, dddddddddddd]}\n")
+    monkeypatch.setattr(provenance, "EQUIVALENCES_FILE", listing)
+    provenance._canonical_versions.cache_clear()
+    try:
+        assert provenance.canonical_code_version("mezo", "dddddddddddd") == "aaaaaaaaaaaa"
+        assert provenance.canonical_code_version("hizoo", "dddddddddddd") == "dddddddddddd"
+        rows = [versioned("aaaaaaaaaaaa", "2026-01-01T10:00:00", seed=0, test=0.1),
+                versioned("dddddddddddd", "2026-01-02T10:00:00", seed=1, test=0.9)]
+        assert cell(build("toy", "smoke", rows), "mezo", "a").mean == pytest.approx(50.0)
+        with pytest.raises(ReportError, match="different versions"):
+            build("toy", "smoke", rows + [versioned("cccccccccccc", "2026-01-03T10:00:00", seed=2)])
+    finally:
+        provenance._canonical_versions.cache_clear()
+
+
 def test_the_cli_refuses_mixed_code_or_keeps_the_newest(toy, tmp_path, capsys):  # noqa: F811
     path = tmp_path / "rows.jsonl"
     rows = [versioned("aaaaaaaaaaaa", "2026-01-01T10:00:00", seed=0), versioned("bbbbbbbbbbbb", "2026-01-02T10:00:00", seed=1)]

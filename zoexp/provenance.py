@@ -11,7 +11,13 @@ hash of the source files that define the method, i.e.
   ``philox`` and its C kernel ``philox.c``; HiZOO for FOCUS; ...).
 
 Code outside ``zoexp.methods`` (runner, scoring, models) is shared by every method; the row's
-``git_commit`` covers it. Methods without an optimizer (zero-shot, ICL) have no code version. A method class defined outside
+``git_commit`` covers it.
+
+A refactor that changes a method's files but not its results (the same bits) records the versions
+before and after in ``zoexp/code_versions.yaml``, with its evidence (``tests/fingerprints.py`` run on
+the old and the new code on one machine); ``canonical_code_version`` maps each version to the first of
+its equivalents, and the report compares those, so rows made before and after such a refactor stay
+one table. Methods without an optimizer (zero-shot, ICL) have no code version. A method class defined outside
 zoexp (``docs/extending.md``) adds its own source file(s).
 
 **Data.** Data provenance: the sha256 of every local data file a run reads, checked against the data folder's
@@ -129,6 +135,41 @@ def code_version_of(cls: type) -> str:
     return digest.hexdigest()[:12]
 
 
+EQUIVALENCES_FILE = _PKG / "code_versions.yaml"
+
+
+@functools.cache
+def _canonical_versions() -> dict[tuple[str, str], str]:
+    """{(method, version): the first-listed version of its equivalence class} from ``code_versions.yaml``
+    (a class is the union of every entry listing the version)."""
+    import yaml
+
+    text = EQUIVALENCES_FILE.read_text(encoding="utf-8") if EQUIVALENCES_FILE.is_file() else ""
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for entry in yaml.safe_load(text) or []:
+        for method, versions in (entry.get("versions") or {}).items():
+            first = find((str(method), str(versions[0])))
+            for v in versions[1:]:
+                root = find((str(method), str(v)))
+                if root != first:
+                    parent[root] = first
+    return {key: find(key)[1] for key in parent}
+
+
+def canonical_code_version(method, version):
+    """The version ``version`` of ``method``'s code counts as (itself unless ``code_versions.yaml`` lists it
+    as computing the same bits as an earlier version)."""
+    if method is None or version is None:
+        return version
+    return _canonical_versions().get((str(method), str(version)), version)
+
+
 def method_code_version(method_cfg) -> str | None:
     """The code version of the method a config names (``_target_``); None for a method without one."""
     target = method_cfg.get("_target_") if method_cfg is not None else None
@@ -216,3 +257,22 @@ def check_manifest(files: dict[str, str], data_dir) -> str | None:
     if missing:
         return "not listed: " + ", ".join(missing)
     return "ok"
+
+
+def conf_code_versions() -> dict[str, str]:
+    """{method config name: code version} for every config in ``conf/method`` that names a class."""
+    from omegaconf import OmegaConf
+
+    from zoexp.paths import conf_dir
+
+    out = {}
+    for path in sorted((conf_dir() / "method").glob("*.yaml")):
+        version = method_code_version(OmegaConf.load(path))
+        if version:
+            out[path.stem] = version
+    return out
+
+
+if __name__ == "__main__":  # python -m zoexp.provenance: each method's current code version (for code_versions.yaml)
+    for name, version in conf_code_versions().items():
+        print(f"{name}: {version}")

@@ -50,6 +50,7 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
     table_names,
 )
 from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
+from zoexp.provenance import canonical_code_version
 from zoexp.results import read_rows
 
 log = logging.getLogger(__name__)
@@ -125,10 +126,12 @@ def check_code_versions(rows: list[dict], name: str, newest: bool = False) -> li
 
     Mixed versions raise ReportError naming each method and its versions; with ``newest`` the rows of
     each method's newest version (by its latest ``started_at``) are kept instead, and the others dropped
-    with a warning. Rows that predate the field count as version "unrecorded"."""
+    with a warning. Rows that predate the field count as version "unrecorded". Versions listed as
+    equivalent in ``zoexp/code_versions.yaml`` (the same bits) count as one (``canonical_code_version``)."""
     by_method: dict[Any, dict[Any, list[dict]]] = {}
     for row in rows:
-        by_method.setdefault(row.get("method"), {}).setdefault(row.get("code_version"), []).append(row)
+        version = canonical_code_version(row.get("method"), row.get("code_version"))
+        by_method.setdefault(row.get("method"), {}).setdefault(version, []).append(row)
     mixed = {m: versions for m, versions in by_method.items() if len(versions) > 1}
     if not mixed:
         return rows
