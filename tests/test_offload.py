@@ -15,8 +15,8 @@ from zoexp.closure import Counters, make_closure
 from zoexp.methods import HZO, MeZO
 from zoexp.methods.deferred import DualPerturbation
 from zoexp.models import load_model, param_groups
-from zoexp.offload import dual_lm_loss, enable_offload
-from zoexp.scoring import Encoder, lm_loss, score_candidates
+from zoexp.offload import enable_offload
+from zoexp.scoring import Encoder, dual_lm_loss, lm_loss, score_candidates
 from zoexp.tasks import Example
 
 MODELS = ["tiny_opt", "tiny_llama"]

@@ -47,7 +47,7 @@ class LossClosure:
     passes (k times less activation memory; still one forward pass in the counts).
 
     ``dual(perturbation)`` is the offloaded variant for ZO methods: both perturbed losses from one pass
-    through resident blocks (``zoexp.offload.dual_lm_loss``); it counts as two forward passes.
+    through resident blocks (``zoexp.scoring.dual_lm_loss``); it counts as two forward passes.
     """
 
     def __init__(self, model, encoder: Encoder, batch: list[Example], pad_id: int, counters: Counters,
@@ -78,7 +78,7 @@ class LossClosure:
         return self.loss_fn(self.model, self.encoder, batch[lo:hi], self.pad_id) * share
 
     def dual(self, perturbation):
-        from zoexp.offload import dual_lm_loss
+        from zoexp.scoring import dual_lm_loss
 
         if self.accumulation_steps > 1:
             raise ValueError("run.offload streams each block once per step for the whole batch: it does not "

@@ -452,6 +452,50 @@ def block_view(model: nn.Module) -> BlockView:
     return BlockView(embed, layers, None, head, name)
 
 
+# Running a decoder layer by layer (the offloaded dual forward, ``zoexp.scoring.dual_lm_loss``).
+
+
+def tail_modules(model: nn.Module) -> list[nn.Module]:
+    """What runs between the last decoder layer and the LM head (final norm; OPT's project_out)."""
+    modules = [block_view(model).norm]
+    if getattr(getattr(model, "config", None), "model_type", None) == "opt":
+        modules.append(model.model.decoder.project_out)
+    return [m for m in modules if m is not None]
+
+
+class _Captured(Exception):
+    pass
+
+
+def layer_inputs(model: nn.Module, first_layer: nn.Module, ids, mask, positions):
+    """Run the model's own prologue (embeddings, masks, position embeddings) up to the first decoder
+    layer; returns (hidden states, the layer's other positional args, its keyword args)."""
+    box: dict = {}
+
+    def grab(module, args, kwargs):
+        box["args"], box["kwargs"] = args, dict(kwargs)
+        raise _Captured
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    try:
+        model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "kwargs" not in box:
+        raise RuntimeError("the model's forward never called its first decoder layer")
+    args, kwargs = box["args"], box["kwargs"]
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    return hidden, tuple(args[1:]), kwargs
+
+
+def run_layer(layer: nn.Module, hidden, args, kwargs):
+    """One decoder layer on ``hidden`` with the other inputs ``layer_inputs`` captured; its hidden states."""
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def param_groups(model: nn.Module, trainable_only: bool = True) -> list[dict]:
     """One param group per block: ``embed``, ``block`` (one per transformer layer), ``norm``, ``head``.
 

@@ -16,7 +16,8 @@ The ring never holds more than ``ring`` layers, so the device holds about
 
     ring x (largest layer) + embeddings + norm + head + first-order layers + activations
 
-**Dual forward** (``dual_lm_loss``): a ZO step needs L(θ+εd) and L(θ−εd). Instead of two full forward
+**Dual forward** (``zoexp.scoring.dual_lm_loss``, beside ``lm_loss``; it drives this ring through
+``acquire``/``release`` and the ``plan`` of which param groups each part of the forward uses): a ZO step needs L(θ+εd) and L(θ−εd). Instead of two full forward
 passes (each moving every layer over the bus), both passes run through a layer while it is resident:
 perturb +ε, compute the + stream, perturb −ε, compute the − stream, restore -- so each layer crosses
 the bus once per step and the compute per transfer doubles (the paper's argument for full overlap).
@@ -27,7 +28,8 @@ lazy update); ``Method.flush`` applies what is still deferred (the runner calls 
 The per-layer inputs (attention mask, rotary position embeddings, position ids) are taken from the
 model itself: the embedding prologue of the Hugging Face forward runs until the first decoder layer is
 called, its arguments are captured and reused for every layer (OPT and LLaMA-family pass the same
-arguments to each layer). The loss after the layers is ``zoexp.scoring``'s, so it equals ``lm_loss``.
+arguments to each layer; ``zoexp.models.layer_inputs``). The loss after the layers is
+``zoexp.scoring``'s, so it equals ``lm_loss``.
 
 Single forward passes (evaluation, generation, the FO step of a hybrid) use the same ring through
 forward hooks on each offloaded layer: acquire before, release after, deferred updates applied on
@@ -45,15 +47,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from zoexp.models import block_view
-from zoexp.scoring import collate, logprobs_from_hidden, mean_nll, read_positions, target_requests
+from zoexp.models import block_view, tail_modules
 
 SUPPORTED_FAMILIES = ("opt", "llama")
 
 
 # The method side, as this module sees it. The ring imports no method: a method that supports
-# offloading (``zoexp.methods.base.ZOMethod`` and its per-group operations) meets these protocols,
-# and the signs it applies during a dual forward are ``zoexp.methods.deferred.DualPerturbation``.
+# offloading (``zoexp.methods.base.ZOMethod`` and its per-group operations) meets this protocol,
+# and the signs it applies during a dual forward are ``zoexp.methods.deferred.DualPerturbation``
+# (``zoexp.scoring.GroupPerturbation``).
 
 class OffloadedMethod(Protocol):
     """What ``enable_offload`` needs of a method."""
@@ -65,14 +67,6 @@ class OffloadedMethod(Protocol):
     def zo_group_ids(self) -> list[int]: ...
 
     def attach_offloader(self, offloader: BlockOffloader) -> None: ...
-
-
-class GroupPerturbation(Protocol):
-    """Moves param groups to a sign (+1, −1, 0) of the step's perturbation while they are resident."""
-
-    offloader: BlockOffloader
-
-    def set(self, group_ids: Iterable[int], sign: int) -> None: ...
 
 
 class _Sync:
@@ -121,15 +115,6 @@ def _family(model: nn.Module) -> str:
     if kind not in SUPPORTED_FAMILIES:
         raise NotImplementedError(f"offloading supports {', '.join(SUPPORTED_FAMILIES)} models, not {kind!r}")
     return kind
-
-
-def tail_modules(model: nn.Module) -> list[nn.Module]:
-    """What runs between the last decoder layer and the LM head (final norm; OPT's project_out)."""
-    view = block_view(model)
-    modules = [view.norm]
-    if _family(model) == "opt":
-        modules.append(model.model.decoder.project_out)
-    return [m for m in modules if m is not None]
 
 
 def _unique_params(module: nn.Module) -> list[nn.Parameter]:
@@ -396,83 +381,6 @@ class BlockOffloader:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-
-
-# ---------------------------------------------------------------------- the dual forward
-
-
-class _Captured(Exception):
-    pass
-
-
-def layer_inputs(model: nn.Module, first_layer: nn.Module, ids, mask, positions):
-    """Run the model's own prologue (embeddings, masks, position embeddings) up to the first decoder
-    layer; returns (hidden states, the layer's other positional args, its keyword args)."""
-    box: dict = {}
-
-    def grab(module, args, kwargs):
-        box["args"], box["kwargs"] = args, dict(kwargs)
-        raise _Captured
-
-    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
-    try:
-        model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if "kwargs" not in box:
-        raise RuntimeError("the model's forward never called its first decoder layer")
-    args, kwargs = box["args"], box["kwargs"]
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    return hidden, tuple(args[1:]), kwargs
-
-
-def _layer(layer: nn.Module, hidden, args, kwargs):
-    out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def dual_lm_loss(model: nn.Module, encoder, batch, pad_id: int, perturbation: GroupPerturbation):
-    """(L(θ+εd), L(θ−εd)) on ``batch`` (``zoexp.scoring.lm_loss``) with every layer resident once."""
-    off: BlockOffloader = perturbation.offloader
-    plan = off.plan
-    requests = target_requests(encoder, batch)
-    ids, mask, positions = collate([r.ids for r in requests], pad_id, off.device)
-    rows, cols = read_positions(requests, ids.shape[1], off.device)
-    off.manual = True
-    try:
-        perturbation.set(plan.embed, +1)
-        h_plus, args, kwargs = layer_inputs(model, off.layers[0], ids, mask, positions)
-        perturbation.set(plan.embed, -1)
-        h_minus, _, _ = layer_inputs(model, off.layers[0], ids, mask, positions)
-        perturbation.set(plan.embed - plan.head, 0)  # a tied head keeps the embedding's sign
-        for i, layer in enumerate(off.layers):
-            off.acquire(i)
-            perturbation.set(plan.layers[i], +1)
-            h_plus = _layer(layer, h_plus, args, kwargs)
-            perturbation.set(plan.layers[i], -1)
-            h_minus = _layer(layer, h_minus, args, kwargs)
-            perturbation.set(plan.layers[i], 0)
-            off.release(i, dirty=True)
-        tail = tail_modules(model)
-        perturbation.set(plan.tail, +1)
-        for module in tail:
-            h_plus = module(h_plus)
-        perturbation.set(plan.tail, -1)
-        for module in tail:
-            h_minus = module(h_minus)
-        perturbation.set(plan.tail, 0)
-        perturbation.set(plan.head, +1)
-        loss_plus = mean_nll(logprobs_from_hidden(model, h_plus, requests, rows, cols))
-        perturbation.set(plan.head, -1)
-        loss_minus = mean_nll(logprobs_from_hidden(model, h_minus, requests, rows, cols))
-        perturbation.set(plan.head | plan.embed, 0)
-    finally:
-        off.manual = False
-    off.synchronize()
-    return loss_plus, loss_minus
 
 
 # ---------------------------------------------------------------------- set-up

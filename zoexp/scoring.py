@@ -11,12 +11,14 @@ token each; classification with single-token candidates sharing a prompt is one 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from zoexp.models import layer_inputs, run_layer, tail_modules
 from zoexp.tasks import Example
 
 
@@ -220,6 +222,61 @@ def lm_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> t
     if mlm.is_masked_lm(model):  # masked-LM prompts (HZO Table 6): the loss at the mask, zoexp.mlm
         return mlm.mlm_loss(model, encoder, batch, pad_id)
     return mean_nll(read_logprobs(model, target_requests(encoder, batch), pad_id))
+
+
+class GroupPerturbation(Protocol):
+    """Moves param groups to a sign (+1, −1, 0) of the step's perturbation while they are resident
+    (``zoexp.methods.deferred.DualPerturbation``); ``offloader`` is the ring the forward runs through
+    (``zoexp.offload.BlockOffloader``: ``layers``, ``plan``, ``device``, ``acquire``/``release``)."""
+
+    offloader: Any
+
+    def set(self, group_ids: Iterable[int], sign: int) -> None: ...
+
+
+@torch.no_grad()
+def dual_lm_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int,
+                 perturbation: GroupPerturbation) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L(θ+εd), L(θ−εd)), each ``lm_loss`` on ``batch``, from one pass over the layers: two streams of
+    hidden states go through each layer while it is resident in the offloader's ring, the layer
+    moved to +ε, then −ε, then restored by ``perturbation`` (``zoexp.offload``, "Dual forward")."""
+    off = perturbation.offloader
+    plan = off.plan
+    requests = target_requests(encoder, batch)
+    ids, mask, positions = collate([r.ids for r in requests], pad_id, off.device)
+    rows, cols = read_positions(requests, ids.shape[1], off.device)
+    off.manual = True
+    try:
+        perturbation.set(plan.embed, +1)
+        h_plus, args, kwargs = layer_inputs(model, off.layers[0], ids, mask, positions)
+        perturbation.set(plan.embed, -1)
+        h_minus, _, _ = layer_inputs(model, off.layers[0], ids, mask, positions)
+        perturbation.set(plan.embed - plan.head, 0)  # a tied head keeps the embedding's sign
+        for i, layer in enumerate(off.layers):
+            off.acquire(i)
+            perturbation.set(plan.layers[i], +1)
+            h_plus = run_layer(layer, h_plus, args, kwargs)
+            perturbation.set(plan.layers[i], -1)
+            h_minus = run_layer(layer, h_minus, args, kwargs)
+            perturbation.set(plan.layers[i], 0)
+            off.release(i, dirty=True)
+        tail = tail_modules(model)
+        perturbation.set(plan.tail, +1)
+        for module in tail:
+            h_plus = module(h_plus)
+        perturbation.set(plan.tail, -1)
+        for module in tail:
+            h_minus = module(h_minus)
+        perturbation.set(plan.tail, 0)
+        perturbation.set(plan.head, +1)
+        loss_plus = mean_nll(logprobs_from_hidden(model, h_plus, requests, rows, cols))
+        perturbation.set(plan.head, -1)
+        loss_minus = mean_nll(logprobs_from_hidden(model, h_minus, requests, rows, cols))
+        perturbation.set(plan.head | plan.embed, 0)
+    finally:
+        off.manual = False
+    off.synchronize()
+    return loss_plus, loss_minus
 
 
 def classification_loss(model, encoder: Encoder, batch: Sequence[Example], pad_id: int) -> torch.Tensor:

@@ -215,7 +215,7 @@ class ZOMethod(Method):
         """Step t's (loss+, loss−, projected grad, finite) from one dual forward through the offloader.
 
         Each block, while resident, first receives step t−1's deferred update, then is perturbed +ε
-        for the + stream, −ε for the − stream and restored (``zoexp.offload.dual_lm_loss``); step t's
+        for the + stream, −ε for the − stream and restored (``zoexp.scoring.dual_lm_loss``); step t's
         update is deferred in turn (ZO2's lazy update), so every block crosses the bus once per step.
         """
         from zoexp.methods.deferred import DualPerturbation
