@@ -52,8 +52,11 @@ CONFIGS = {
     "hzo-alpha-adam": lambda g: HZO(g, lr=1e-3, eps=1e-3, rank=1, interval=3, fo_layers=1, lr_convention="alpha",
                                     lowrank_embed=False, fo_lr=1e-3, seed=3),
     "loho": lambda g: LoHO(g, lr=1e-3, eps=1e-2, fo_layers=1, fo_lr=1e-3, seed=3),
+    "loho-wd": lambda g: LoHO(g, lr=1e-3, eps=1e-2, weight_decay=0.1, fo_layers=1, fo_lr=1e-3, seed=3),
+    "hzo-dense-embed-wd": lambda g: HZO(g, lr=1e-3, eps=1e-3, rank=2, interval=2, fo_layers=0, weight_decay=0.1,
+                                        lowrank_embed=False, seed=3),
 }
-OFFLOADABLE = ("mezo", "mezo-wd", "hzo", "hzo-z+f-wd")
+OFFLOADABLE = ("mezo", "mezo-wd", "hzo", "hzo-z+f-wd", "hzo-dense-embed-wd")
 #: every method config of conf/method with an optimizer, at its defaults (lr raised so that steps move)
 CONF_METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml")
                       if OmegaConf.load(p).get("_target_"))

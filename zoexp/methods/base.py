@@ -153,6 +153,19 @@ class ZOMethod(Method):
         """θ_g ← θ_g − lr (grad · d_t + λ θ_g), from unperturbed weights."""
         raise NotImplementedError(f"{type(self).__name__} does not support offloading")
 
+    def add_scaled_z_(self, entries, seed: int) -> None:
+        """θ ← a θ + α z for each (key, p, a, α) in ``entries``: the fused form of every ZO update and
+        restore (a = ``decay_factor``). Entries sharing (a, α) go to the noise source in one call, so the
+        noise workers share the chunks of the whole set instead of meeting after every group."""
+        buckets: dict[tuple[float, float], list] = {}
+        for key, p, a, alpha in entries:
+            buckets.setdefault((a, alpha), []).append((key, p))
+        for (a, alpha), pairs in buckets.items():
+            if a == 1.0:
+                self.noise.add_(pairs, seed, alpha)
+            else:
+                self.noise.scale_add_(pairs, seed, a, alpha)
+
     # ----------------------------------------------------------------- the two-point step
 
     def spsa_step(self, closure, perturb, restore_and_update, finite_too: tuple[float, ...] = ()

@@ -125,7 +125,7 @@ class FOCUS(HessianZO):
         """Alg. 4's S_j for every block from one two-point probe (two forwards; weights restored)."""
         if closure is None:
             raise ValueError("greedy GSD with gsd_scores=probe needs the step's closure")
-        seed, eps = mix(self.seed, _PROBE, self.selector.selections), self.eps
+        seed = mix(self.seed, _PROBE, self.selector.selections)
         items = [(k, self._param_of[k]) for keys in self._block_keys for k in keys]
         # the probe moves every block by ±ε: the same ε as the step's (one ε per method, ZOMethod.eps)
         self._perturb(items, seed, 1.0)
@@ -133,18 +133,9 @@ class FOCUS(HessianZO):
         self._perturb(items, seed, -2.0)
         loss_minus = loss_value(closure())
         sq: dict[tuple[int, int], float] = {}
-
-        def restore(view, z, key, a, b):
-            d = self._d(key)
-            if d is not None:
-                view.addcmul_(z, torch.rsqrt(d.view(-1)[a:b]), value=eps)
-            else:
-                view.add_(z, alpha=eps)
-            sq[(key, a)] = float(z.double().square().sum())
-
-        self.noise.visit(items, seed, restore)
+        self._perturb(items, seed, 1.0, sq=sq)  # restore, recording Σ z² per chunk
         self.probe_forwards += 2
-        g = (loss_plus - loss_minus) / (2 * eps)
+        g = (loss_plus - loss_minus) / (2 * self.eps)
         if not finite(g):
             return {b: 0.0 for b in range(self.n_blocks)}
         return self._scores_from(sq, g, range(self.n_blocks))

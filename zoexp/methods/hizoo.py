@@ -112,18 +112,21 @@ class HessianZO(ZOMethod):
                       "curvature": (loss_plus + loss_minus - 2 * loss0) / self.eps**2}
         self.steps_done += 1
 
-    def _perturb(self, items, seed: int, scale: float) -> None:
-        """θ += scale·ε·u: u = D^{-1/2} z where the parameter has a D, else z."""
-        eps = {key: scale * self._group_of[key]["eps"] for key, _ in items}
+    def _perturb(self, items, seed: int, scale: float, sq: dict | None = None) -> None:
+        """θ += scale·ε·u: u = D^{-1/2} z where the parameter has a D, else z. With ``sq``, also
+        records Σ z² of every chunk ({(key, chunk start): value}; FOCUS's probe)."""
+        alpha = scale * self.eps
 
         def fn(view, z, key, a, b):
             d = self._d(key)
             if d is not None:
                 d = d.view(-1)[a:b]
                 s = torch.rsqrt(d, out=scratch(view, d.dtype))
-                view.addcmul_(z, s, value=eps[key])
+                view.addcmul_(z, s, value=alpha)
             else:
-                view.add_(z, alpha=eps[key])
+                view.add_(z, alpha=alpha)
+            if sq is not None:
+                sq[(key, a)] = float(z.double().square().sum())
 
         self.noise.visit(items, seed, fn)
 
@@ -135,15 +138,16 @@ class HessianZO(ZOMethod):
         with c = ΔL/2ε², w = z² − 1 (``hizoo``) or z² (``focus``), w̄ = |w|; then the clamp.
         """
         sq: dict[tuple[int, int], float] = {}
+        eps = self.eps
+        c = curvature / (2 * eps * eps)
+        # the estimator's settings of each group, then each parameter's decay factor and step coefficient
+        settings = {id(g): (g["hessian_smooth"], abs(c) if g["hessian_update"] == "legacy" else c, g["hessian_update"],
+                            g["hessian_form"] == "hizoo", g["hessian_min"], g["hessian_max"]) for g in self.param_groups}
         coef = {}
-        for key, p in items:  # per parameter, from its group (lr may be scheduled)
+        for key, p in items:  # lr may be scheduled: read from the group at every step
             g = self._group_of[key]
-            eps, lr = g["eps"], g["lr"]
-            a = decay_factor(lr, g["weight_decay"], p)
-            c = curvature / (2 * eps * eps)
-            update = g["hessian_update"]
-            coef[key] = (a, a * eps - lr * grad, g["hessian_smooth"], abs(c) if update == "legacy" else c,
-                         update, g["hessian_form"] == "hizoo", g["hessian_min"], g["hessian_max"])
+            a = decay_factor(g["lr"], g["weight_decay"], p)
+            coef[key] = (a, a * eps - g["lr"] * grad, *settings[id(g)])
 
         def fn(view, z, key, start, stop):
             a, k, alpha, c, update, minus_one, lo, hi = coef[key]

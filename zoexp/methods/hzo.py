@@ -201,18 +201,11 @@ class HZO(ZOMethod):
             a = decay_factor(lr, wd, p)
             step = lr * grad / r if per_r else lr * grad
             p.view(p.shape[0], -1).addmm_(u, v.T, beta=a, alpha=a * eps - step)
-        if not dense:
-            return
-        seed = self.step_seed(t)
-        by_factor: dict[float, list] = {}
+        entries = []
         for k, p in dense:
-            by_factor.setdefault(decay_factor(lr, wd, p), []).append((k, p))
-        for a, items in by_factor.items():
-            coef = a * eps - lr * grad
-            if a == 1.0:
-                self.noise.add_(items, seed, coef)
-            else:
-                self.noise.visit(items, seed, lambda view, z, *_, a=a, coef=coef: view.mul_(a).add_(z, alpha=coef))
+            a = decay_factor(lr, wd, p)
+            entries.append((k, p, a, a * eps - lr * grad))
+        self.add_scaled_z_(entries, self.step_seed(t))
 
     def _group_index(self, group: dict) -> int:
         for gi, g in enumerate(self.param_groups):

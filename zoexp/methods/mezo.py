@@ -44,34 +44,23 @@ class MeZO(ZOMethod):
         self.steps_done += 1
         return torch.tensor((loss_plus + loss_minus) / 2)
 
-    # Each pass is one call per distinct coefficient (usually one for the whole model), not one per
-    # group: the noise workers then share all chunks of the model instead of meeting at a barrier
-    # after every block. The per-element arithmetic is the same either way.
+    # Each pass is one noise call for the whole model (per distinct coefficient), not one per group:
+    # the noise workers then share all chunks of the model instead of meeting at a barrier after
+    # every block. The per-element arithmetic is the same either way.
 
     def _perturb(self, seed: int, scale: float) -> None:
-        """θ += scale · ε_group · z."""
-        by_alpha: dict[float, list] = {}
-        for group in self.param_groups:
-            by_alpha.setdefault(scale * group["eps"], []).extend(self.keyed_params([group]))
-        for alpha, items in by_alpha.items():
-            self.noise.add_(items, seed, alpha)
+        """θ += scale · ε · z."""
+        self.noise.add_(list(self.keyed_params()), seed, scale * self.eps)
 
     def _restore_and_update(self, seed: int, grad: float) -> None:
-        """θ ← θ + (ε − ηg) z, or with decay θ ← (1 − ηλ) θ + ((1 − ηλ)ε − ηg) z, from θ − εz."""
-        plain: dict[float, list] = {}
-        decay: dict[tuple[float, float], list] = {}
+        """θ ← a(θ − εz) + (aε − ηg) z with a = 1 − ηλ (1 without decay), from θ − εz."""
+        entries = []
         for group in self.param_groups:
-            eps, lr, wd = group["eps"], group["lr"], group["weight_decay"]
+            lr = group["lr"]
             for k, p in self.keyed_params([group]):
-                a = decay_factor(lr, wd, p)
-                if a != 1.0:
-                    decay.setdefault((a, a * eps - lr * grad), []).append((k, p))
-                else:
-                    plain.setdefault(eps - lr * grad, []).append((k, p))
-        for alpha, items in plain.items():
-            self.noise.add_(items, seed, alpha)
-        for (a, coef), items in decay.items():
-            self.noise.scale_add_(items, seed, a, coef)
+                a = decay_factor(lr, group["weight_decay"], p)
+                entries.append((k, p, a, a * self.eps - lr * grad))
+        self.add_scaled_z_(entries, seed)
 
     def draws_per_step(self) -> int:
         """Random numbers one step draws (z over every parameter, regenerated three times)."""
@@ -83,12 +72,5 @@ class MeZO(ZOMethod):
         self.noise.add_(self.keyed_params([group]), self.step_seed(t), scale * group["eps"])
 
     def update_group_(self, group, t, grad, lr, weight_decay) -> None:
-        seed = self.step_seed(t)
-        by_factor: dict[float, list] = {}
-        for k, p in self.keyed_params([group]):
-            by_factor.setdefault(decay_factor(lr, weight_decay, p), []).append((k, p))
-        for a, items in by_factor.items():
-            if a == 1.0:
-                self.noise.add_(items, seed, -lr * grad)
-            else:
-                self.noise.scale_add_(items, seed, a, -lr * grad)
+        self.add_scaled_z_(((k, p, decay_factor(lr, weight_decay, p), -lr * grad)
+                            for k, p in self.keyed_params([group])), self.step_seed(t))
