@@ -17,7 +17,7 @@ TINY = ["model=tiny-opt", "task.num_train=32", "task.num_dev=16", "task.num_test
 
 # DESIGN "Measurement": every row carries these (GPU memory only when on a GPU).
 ROW_FIELDS = [
-    "status", "method", "model", "task", "task_version", "seed", "dtype", "hparams", "run", "device",
+    "status", "method", "model", "task", "task_version", "seed", "dtype", "hparams", "run", "device", "threads",
     "git_commit", "versions", "test/acc", "test/n", "dev/acc", "best_step", "steps", "time/load_s",
     "time/train_s", "time/eval_s", "time/total_s", "forward_passes", "tokens", "tokens_per_s",
     "mem/load_rss_peak_bytes", "mem/train_rss_peak_bytes", "mem/eval_rss_peak_bytes",

@@ -123,6 +123,7 @@ def _run_and_record(cfg: DictConfig, start: resume.ResumePoint, dist, keep_resul
     device = dist.device
     meter = Meter(device)
     row["device"] = device_name(device)
+    row["threads"] = torch.get_num_threads()  # intra-op threads: wall-clock means little without it
     guard = PreemptionGuard()
     dist.local_stop = lambda: guard.requested
     t_start = time.perf_counter()
