@@ -19,7 +19,7 @@ TINY = ["model=tiny-opt", "task.num_train=32", "task.num_dev=16", "task.num_test
 ROW_FIELDS = [
     "status", "method", "model", "task", "task_version", "seed", "dtype", "hparams", "run", "device", "threads",
     "git_commit", "versions", "test/acc", "test/n", "dev/acc", "best_step", "steps", "time/load_s",
-    "time/train_s", "time/eval_s", "time/total_s", "forward_passes", "tokens", "tokens_per_s",
+    "time/train_s", "time/eval_s", "time/total_s", "cpu/train_s", "cpu/eval_s", "forward_passes", "tokens", "tokens_per_s",
     "mem/load_rss_peak_bytes", "mem/train_rss_peak_bytes", "mem/eval_rss_peak_bytes",
     "optimizer_state_bytes", "optimizer_state_bytes_max", "forward_passes_per_step", "curve", "dev_curve",
     "data/train", "data/dev", "data/test", "run_dir", "started_at", "finished_at",

@@ -226,3 +226,32 @@ def test_figures_are_drawn_from_the_chosen_runs(toy, tmp_path):
     names = sorted(p.name for p in written if p.parent.parent.name == "figures")
     assert names == ["toy_bars.pdf", "toy_bars.png", "toy_curves.pdf", "toy_curves.png"]
     assert all(p.stat().st_size > 1000 for p in written if p.parent.parent.name == "figures")
+
+
+def test_wall_clocks_measured_under_different_conditions_are_flagged(toy):
+    layout = {**TOY, "columns": [{"key": "a", "label": "Task A", "select": {"task": "sst2"}},
+                                 {"key": "t", "label": "Time", "quantity": "time", "fmt": "f1", "select": {"task": "sst2"}}]}
+    (toy / "toy.yaml").write_text(yaml.safe_dump(layout, allow_unicode=True))
+    cpu = "cpu: Some CPU x2"
+
+    def timed(method, threads, cpu_s, device=cpu):
+        return row(method, threads=threads, device=device, **{"time/train_s": 100.0, "cpu/train_s": cpu_s})
+
+    alike = build("toy", "smoke", [timed("mezo", 2, 195.0), timed("hizoo", 2, 190.0)])
+    assert report.timing_note(alike) is None  # same threads, device, and the cores to itself
+
+    mixed = build("toy", "smoke", [timed("mezo", 2, 195.0), timed("hizoo", 1, 60.0)])
+    note = report.timing_note(mixed)
+    assert "2 threads (CPU share 0.97-0.97): ZO MeZO/Time" in note
+    assert "1 thread, machine shared (CPU share 0.60-0.60): ZO HiZOO/Time" in note
+    assert note in report.notes(mixed)
+
+    shared = build("toy", "smoke", [timed("mezo", 1, 55.0), timed("hizoo", 1, 58.0)])
+    assert "machine shared" in report.timing_note(shared)  # alike, but both shared: still said
+
+    machines = build("toy", "smoke", [timed("mezo", 2, 195.0), timed("hizoo", 2, 195.0, device="cpu: Other x2")])
+    note = report.timing_note(machines)
+    assert "cpu: Some CPU x2, 2 threads" in note and "cpu: Other x2, 2 threads" in note
+
+    old = build("toy", "smoke", [row("mezo", **{"time/train_s": 9.0}), timed("hizoo", 2, 195.0)])
+    assert "threads not recorded: ZO MeZO/Time" in report.timing_note(old)

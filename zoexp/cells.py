@@ -123,6 +123,28 @@ def quantity(row: dict, name: str) -> Any:
 
 
 TEXT_QUANTITIES = ("batch_size", "dtype", "device", "model")
+TIME_QUANTITIES = ("time", "time_h", "throughput")  # measured by the training phase's wall-clock
+SHARED_BELOW = 0.8  # CPU share under which a CPU run's machine counts as shared
+
+
+def cpu_share(row: dict) -> float | None:
+    """The share of its training phase a CPU run had its cores: process CPU seconds / (wall-clock x
+    threads). None where not measurable (not a CPU run, or a row from before ``cpu/train_s``)."""
+    cpu, wall, threads = row.get("cpu/train_s"), row.get("time/train_s"), row.get("threads")
+    if not str(row.get("device", "")).startswith("cpu") or not (cpu and wall and threads):
+        return None
+    return cpu / (wall * threads)
+
+
+def timing_conditions(row: dict) -> str:
+    """What a row's wall-clock was measured under, as a label: threads, and whether the machine was
+    shared (``cpu_share`` below ``SHARED_BELOW``). Rows whose labels differ should not be compared."""
+    threads = row.get("threads")
+    label = "threads not recorded" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
+    share = cpu_share(row)
+    if share is not None and share < SHARED_BELOW:
+        label += ", machine shared"
+    return label
 
 
 # --------------------------------------------------------------------------- cell selection

@@ -1,9 +1,12 @@
-"""Wall-clock and peak memory per phase (load, train, eval, ...).
+"""Wall-clock, CPU time and peak memory per phase (load, train, eval, ...).
 
 Host memory: the peak resident set size of the process, reset at each phase start by writing 5 to
 /proc/self/clear_refs (Linux), so the training peak is not the loading peak; where that is not
 possible a sampling thread (every 5 ms) measures the phase's peak instead. Accelerator memory: torch's
-peak allocated / reserved bytes, reset at each phase start.
+peak allocated / reserved bytes, reset at each phase start. CPU time: the process's user + system
+seconds over the phase (all threads), ``cpu/<phase>_s``; divided by wall-clock x ``threads`` it says
+how much of the phase the process had its cores (below 1: the machine was shared), which the report
+uses to say when wall-clocks in one table were measured under different conditions.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class Meter:
         for d in self._cuda():
             torch.cuda.synchronize(d)
             torch.cuda.reset_peak_memory_stats(d)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             yield self
         finally:
@@ -92,6 +95,7 @@ class Meter:
                 torch.cuda.synchronize(d)
             elapsed = time.perf_counter() - start
             self.values[f"time/{name}_s"] = self.values.get(f"time/{name}_s", 0.0) + elapsed
+            self.values[f"cpu/{name}_s"] = self.values.get(f"cpu/{name}_s", 0.0) + time.process_time() - cpu_start
             peak = sampler.stop() if sampler else _status_field("VmHWM")
             key = f"mem/{name}_rss_peak_bytes"
             self.values[key] = max(self.values.get(key, 0), peak)

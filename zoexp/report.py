@@ -38,9 +38,12 @@ from typing import Any
 
 from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: report.X for callers)
     PAPER_DIR,
+    SHARED_BELOW,
     TEXT_QUANTITIES,
+    TIME_QUANTITIES,
     ReportError,
     Selection,
+    cpu_share,
     get_path,
     load_layout,
     matches,
@@ -48,6 +51,7 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
     quantity,
     select_best,
     table_names,
+    timing_conditions,
 )
 from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
 from zoexp.provenance import canonical_code_version
@@ -535,7 +539,41 @@ def notes(table: Table) -> list[str]:
     for reason, where in missing.items():
         shown = ", ".join(where[:10]) + (f", … ({len(where)} cells)" if len(where) > 10 else "")
         out.append(f"— {reason}: {shown}")
+    conditions = timing_note(table)
+    if conditions:
+        out.append(conditions)
     return out
+
+
+def timing_note(table: Table) -> str | None:
+    """Say when the table's wall-clock (or throughput) cells were measured under different conditions
+    (device, threads, a shared machine): a time compared across them measures the machine, not the
+    method. None when every such cell's rows were measured alike and no CPU run was shared."""
+    panels = panels_of(table.layout)
+    timed = [((p, r, c), cell.selection.rows) for (p, r, c), cell in table.cells.items()
+             if cell.quantity in TIME_QUANTITIES and cell.selection and cell.selection.rows]
+    several_devices = len({str(row.get("device")) for _, rows in timed for row in rows}) > 1
+
+    def label(row: dict) -> str:
+        return (f"{row.get('device')}, " if several_devices else "") + timing_conditions(row)
+
+    groups: dict[str, list[str]] = {}
+    shares: dict[str, list[float]] = {}
+    for (p, r, c), rows in timed:
+        key = " / ".join(sorted({label(row) for row in rows}))
+        groups.setdefault(key, []).append(f"{_label(panels[p]['rows'], r)}/{_label(panels[p]['columns'], c)}")
+        shares.setdefault(key, []).extend(s for s in (cpu_share(row) for row in rows) if s is not None)
+    if len(groups) <= 1 and not any("shared" in key for key in groups):
+        return None
+    parts = []
+    for key, where in groups.items():
+        share = shares.get(key)
+        measured = f" (CPU share {min(share):.2f}-{max(share):.2f})" if share else ""
+        shown = ", ".join(where[:8]) + (f", … ({len(where)} cells)" if len(where) > 8 else "")
+        parts.append(f"{key}{measured}: {shown}")
+    return ("wall-clock and throughput cells were measured under different conditions; compare them only "
+            "within one group (CPU share = process CPU seconds / (wall-clock × threads) while training; "
+            f"below {SHARED_BELOW}, the machine was shared): " + "; ".join(parts) + ".")
 
 
 def selected_configs(table: Table) -> list[list[str]]:
