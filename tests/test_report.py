@@ -255,3 +255,11 @@ def test_wall_clocks_measured_under_different_conditions_are_flagged(toy):
 
     old = build("toy", "smoke", [row("mezo", **{"time/train_s": 9.0}), timed("hizoo", 2, 195.0)])
     assert "threads not recorded: ZO MeZO/Time" in report.timing_note(old)
+
+
+def test_the_header_says_what_the_tables_runs_cost_per_task(toy):
+    rows = [row("mezo", "sst2", **{"time/total_s": 1800.0}), row("hizoo", "sst2", **{"time/total_s": 1200.0}),
+            row("mezo", "taskb", **{"time/total_s": 600.0})]
+    text = report.to_markdown(build("toy", "smoke", rows))
+    assert "whose runs took 1 h 00 min in all (sst2 50 min, taskb 10 min)" in text
+    assert "runs took" not in report.to_markdown(build("toy", "smoke", [row()]))  # no timers: nothing said

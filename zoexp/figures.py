@@ -176,7 +176,7 @@ def _save(fig, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = [path.with_suffix(".png"), path.with_suffix(".pdf")]
     fig.savefig(out[0], dpi=130)
-    fig.savefig(out[1])
+    fig.savefig(out[1], metadata={"CreationDate": None})  # same curves, same bytes: no churn in git
     plt.close(fig)
     return out
 

@@ -244,6 +244,7 @@ class Table:
     memory_source: str = ""
     models: dict = field(default_factory=dict)  # model role -> the profile's model
     claims: list[ClaimResult] = field(default_factory=list)  # the paper's claims, checked (zoexp.claims)
+    compute_s: dict[str, float] = field(default_factory=dict)  # task -> the rows' summed time/total_s
 
     def missing(self) -> list[Cell]:
         """Cells without a value that a complete run of the profile must fill."""
@@ -297,6 +298,8 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
                     _fill(cell, select, rows, models, profile, sources)
         _fill_derived(panel, p, cells)
     table = Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+    for r in rows:
+        table.compute_s[str(r.get("task"))] = table.compute_s.get(str(r.get("task")), 0.0) + (r.get("time/total_s") or 0.0)
     try:
         table.claims = check_claims(table_claims(name), claims_grid(table))
     except ClaimError as exc:  # a malformed claim in conf/experiment/<name>.yaml: say where
@@ -594,6 +597,22 @@ def selected_configs(table: Table) -> list[list[str]]:
     return list(seen.values())
 
 
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def compute_text(table: Table) -> str:
+    """What the table's runs cost, by their own timers (time/total_s summed: Hydra's start-up and model
+    conversion between jobs are not counted), per task where there are several."""
+    total = sum(table.compute_s.values())
+    if not total:
+        return ""
+    per_task = (" (" + ", ".join(f"{task} {duration(s)}" for task, s in table.compute_s.items()) + ")"
+                if len(table.compute_s) > 1 else "")
+    return f", whose runs took {duration(total)} in all{per_task}"
+
+
 def to_markdown(table: Table) -> str:
     layout = table.layout
     out = [f"# {layout['title']}", "", f"Source: {layout['source']}  "]
@@ -601,7 +620,8 @@ def to_markdown(table: Table) -> str:
         out.append(f"Paper setting: {layout['setting']}  ")
     models = _models_text(table)
     out += [f"Ours: profile `{table.profile}`" + (f" ({models})" if models else "")
-            + f"; {table.n_rows} rows from `{table.rows_file}`; rendered {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+            + f"; {table.n_rows} rows from `{table.rows_file}`{compute_text(table)}; "
+            f"rendered {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     for p, panel in enumerate(panels_of(layout)):
         if panel.get("title") and len(layout.get("panels") or []) > 0:
             out += [f"**{panel['title']}**", ""]
