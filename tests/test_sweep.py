@@ -113,6 +113,16 @@ def test_dry_run_lists_the_paper_grid_with_filters_and_overrides(tmp_path, fixtu
     assert {j.split("run.seed=")[1].split()[0] for j in jobs} == {"7", "8"}
 
 
+def test_cell_variant_on_the_command_line_selects_variants_instead_of_relabelling_them(tmp_path, fixture_data_dir):
+    out = zoexp(["-m", "experiment=hzo_table10", "profile=smoke", "task=sst2", "cell.variant=r2-nu1,r8-nu100",
+                 "hydra.sweeper.dry_run=true"], tmp_path, fixture_data_dir)
+    jobs = [line for line in out.splitlines() if line.startswith("#")]
+    assert jobs and len(jobs) % 2 == 0  # the two variants, once per seed
+    assert {j.split("cell.variant=")[1].split()[0] for j in jobs} == {"r2-nu1", "r8-nu100"}
+    assert all(("method.rank=2" in j and "method.interval=1 " in j) if "cell.variant=r2-nu1" in j
+               else ("method.rank=8" in j and "method.interval=100" in j) for j in jobs)
+
+
 def test_a_table_sweep_writes_tagged_rows_and_a_rerun_resumes(tmp_path, fixture_data_dir):
     args = ["-m", "experiment=focus_table3", "profile=smoke", "method=mezo,zero-shot", "task=sst2"]
     zoexp(args, tmp_path, fixture_data_dir)

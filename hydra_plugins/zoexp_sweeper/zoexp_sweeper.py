@@ -30,7 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-FILTER_KEYS = ("method", "task", "model")
+# Command-line keys that select among the table's jobs instead of overriding them (key -> Job attribute).
+# `cell.variant` is one: as an override it would relabel every job's row with the given variant.
+FILTER_KEYS = {"method": "method", "task": "task", "model": "model", "cell.variant": "variant"}
 
 
 @dataclass
@@ -66,7 +68,7 @@ class TableSweeper(Sweeper):
 
     def job_overrides(self, arguments: list[str]):
         """The override list of every job to launch, and a printable plan."""
-        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, job_key
+        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, format_value, job_key
 
         cfg = self.config
         if cfg.get("sweep") is None:
@@ -95,7 +97,7 @@ class TableSweeper(Sweeper):
                 fixed.append(override.input_line)
         user_keys = {_bare(o.split("=", 1)[0]) for o in fixed} | set(swept)
 
-        jobs = [j for j in plan.jobs if all(getattr(j, k) in v for k, v in filters.items())]
+        jobs = [j for j in plan.jobs if all(format_value(getattr(j, FILTER_KEYS[k])) in v for k, v in filters.items())]
         done = done_jobs(cfg.run.results_file) if self.skip_done else set()
         out, n_done, seen = [], 0, set()
         for job in jobs:
