@@ -68,7 +68,7 @@ class TableSweeper(Sweeper):
 
     def job_overrides(self, arguments: list[str]):
         """The override list of every job to launch, and a printable plan."""
-        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, format_value, job_key
+        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, job_key
 
         cfg = self.config
         if cfg.get("sweep") is None:
@@ -97,7 +97,11 @@ class TableSweeper(Sweeper):
                 fixed.append(override.input_line)
         user_keys = {_bare(o.split("=", 1)[0]) for o in fixed} | set(swept)
 
-        jobs = [j for j in plan.jobs if all(format_value(getattr(j, FILTER_KEYS[k])) in v for k, v in filters.items())]
+        def value(job, key):  # as the override parser gives it: unquoted, None as "null"
+            attr = getattr(job, FILTER_KEYS[key])
+            return "null" if attr is None else str(attr)
+
+        jobs = [j for j in plan.jobs if all(value(j, k) in v for k, v in filters.items())]
         done = done_jobs(cfg.run.results_file) if self.skip_done else set()
         out, n_done, seen = [], 0, set()
         for job in jobs:
