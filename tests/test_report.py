@@ -263,3 +263,26 @@ def test_the_header_says_what_the_tables_runs_cost_per_task(toy):
     text = report.to_markdown(build("toy", "smoke", rows))
     assert "whose runs took 1 h 00 min in all (sst2 50 min, taskb 10 min)" in text
     assert "runs took" not in report.to_markdown(build("toy", "smoke", [row()]))  # no timers: nothing said
+
+
+def test_cells_whose_runs_agree_up_to_the_tested_step_are_named(toy):
+    """An ablation's variants that only part after the tested step (an interval longer than the run, a best
+    dev step before they differ) print the same number: the report says so instead of letting it pass as
+    a comparison."""
+    def run(method, losses, test, best=2):
+        return row(method, test=test, best_step=best, run={"steps": 4, "batch_size": 4, "seed": 0, "keep_best": "memory"},
+                   curve=[{"step": s, "loss": x} for s, x in zip((1, 2, 3, 4), losses)],
+                   dev_curve=[{"step": 2, "acc": 0.6}, {"step": 4, "acc": 0.5}])
+
+    same = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.7)])
+    note = report.same_weights_note(same)
+    assert "ZO MeZO, ZO HiZOO on Task A (tested at step 2)" in note
+    assert note in report.notes(same)
+
+    parted = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.7, 0.5, 0.4], 0.7)])
+    assert report.same_weights_note(parted) is None  # they differ before the tested step
+    at_end = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7, best=4),
+                                    run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.7, best=4)])
+    assert report.same_weights_note(at_end) is None  # tested at the end: the equal numbers are a coincidence
+    other_test = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.6)])
+    assert report.same_weights_note(other_test) is None

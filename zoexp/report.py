@@ -48,6 +48,7 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
     load_layout,
     matches,
     memory_bytes,
+    metric_of,
     quantity,
     select_best,
     table_names,
@@ -542,10 +543,62 @@ def notes(table: Table) -> list[str]:
     for reason, where in missing.items():
         shown = ", ".join(where[:10]) + (f", … ({len(where)} cells)" if len(where) > 10 else "")
         out.append(f"— {reason}: {shown}")
-    conditions = timing_note(table)
-    if conditions:
-        out.append(conditions)
+    for extra in (same_weights_note(table), timing_note(table)):
+        if extra:
+            out.append(extra)
     return out
+
+
+def _tested_state(row: dict) -> tuple | None:
+    """What identifies the weights a trained run was tested at: the logged training losses and dev
+    metrics up to the tested step (the best dev step with ``run.keep_best``, else the last), and the
+    test value. None for runs that log no training curve (zero-shot, ICL) or fewer than two points."""
+    keep_best = str(get_path(row, "run.keep_best") or "off").lower() not in ("off", "none", "false")
+    tested = row.get("best_step") if keep_best and row.get("best_step") is not None else row.get("steps")
+    if tested is None:
+        return None
+    losses = tuple((e.get("step"), e.get("loss")) for e in row.get("curve") or []
+                   if isinstance(e.get("step"), int) and e["step"] <= tested)
+    if len(losses) < 2:
+        return None
+    metric = metric_of(row)
+    dev = tuple((e.get("step"), e.get(metric)) for e in row.get("dev_curve") or []
+                if isinstance(e.get("step"), int) and e["step"] <= tested)
+    return (row.get("task"), row.get("model"), row.get("seed"), tested, losses, dev, quantity(row, "test"))
+
+
+def same_weights_note(table: Table) -> str | None:
+    """Name the test cells of one column whose runs are the same computation up to the tested step.
+
+    Two cells that select different runs (an ablation's variants, two methods) but whose runs logged the
+    same training losses and dev metrics up to the step whose weights were tested, and print the same test
+    number, do not compare what the cells' labels say: the runs only part after that step (an interval
+    longer than the run, or a best dev step before the variants first differ). None when no such cells."""
+    panels = panels_of(table.layout)
+    groups: dict[tuple, list[tuple[str, int]]] = {}
+    for (p, r, c), cell in table.cells.items():
+        sel = cell.selection
+        if cell.quantity != "test" or cell.mean is None or sel is None or not sel.rows:
+            continue
+        states = [_tested_state(row) for row in sel.rows]
+        if any(s is None for s in states):
+            continue
+        runs = tuple(sorted(str(row.get("run_dir") or get_path(row, "cell.job")) for row in sel.rows))
+        key = (p, c, tuple(sorted(states, key=repr)))
+        groups.setdefault(key, []).append((_label(panels[p]["rows"], r), states[0][3], runs))
+    parts = []
+    for (p, c, _), members in groups.items():
+        if len({runs for *_, runs in members}) < 2:  # the same runs shown twice on purpose
+            continue
+        steps = sorted({step for _, step, _ in members})
+        parts.append(f"{', '.join(label for label, *_ in members)} on {_label(panels[p]['columns'], c)} "
+                     f"(tested at step {'/'.join(str(s) for s in steps)})")
+    if not parts:
+        return None
+    return ("same tested weights: these cells' runs logged identical training losses and dev metrics up to "
+            "the step whose weights were tested and print the same test number, so they do not compare "
+            "their labels (the runs part only after that step, e.g. an interval longer than the run or a best "
+            "dev step before the variants differ): " + "; ".join(parts) + ".")
 
 
 def timing_note(table: Table) -> str | None:
