@@ -553,8 +553,8 @@ def _tested_state(row: dict) -> tuple | None:
     """What identifies the weights a trained run was tested at: the logged training losses and dev
     metrics up to the tested step (the best dev step with ``run.keep_best``, else the last), and the
     test value. None for runs that log no training curve (zero-shot, ICL) or fewer than two points."""
-    keep_best = str(get_path(row, "run.keep_best") or "off").lower() not in ("off", "none", "false")
-    tested = row.get("best_step") if keep_best and row.get("best_step") is not None else row.get("steps")
+    best = row.get("best_step")
+    tested = best if best is not None and get_path(row, "run.keep_best") != "none" else row.get("steps")
     if tested is None:
         return None
     losses = tuple((e.get("step"), e.get("loss")) for e in row.get("curve") or []
@@ -575,7 +575,7 @@ def same_weights_note(table: Table) -> str | None:
     number, do not compare what the cells' labels say: the runs only part after that step (an interval
     longer than the run, or a best dev step before the variants first differ). None when no such cells."""
     panels = panels_of(table.layout)
-    groups: dict[tuple, list[tuple[str, int]]] = {}
+    groups: dict[tuple, list[tuple[str, tuple]]] = {}  # (panel, column, states) -> (row label, runs)
     for (p, r, c), cell in table.cells.items():
         sel = cell.selection
         if cell.quantity != "test" or cell.mean is None or sel is None or not sel.rows:
@@ -585,14 +585,13 @@ def same_weights_note(table: Table) -> str | None:
             continue
         runs = tuple(sorted(str(row.get("run_dir") or get_path(row, "cell.job")) for row in sel.rows))
         key = (p, c, tuple(sorted(states, key=repr)))
-        groups.setdefault(key, []).append((_label(panels[p]["rows"], r), states[0][3], runs))
+        groups.setdefault(key, []).append((_label(panels[p]["rows"], r), runs))
     parts = []
-    for (p, c, _), members in groups.items():
-        if len({runs for *_, runs in members}) < 2:  # the same runs shown twice on purpose
+    for (p, c, states), members in groups.items():
+        if len({runs for _, runs in members}) < 2:  # the same runs shown twice on purpose
             continue
-        steps = sorted({step for _, step, _ in members})
-        parts.append(f"{', '.join(label for label, *_ in members)} on {_label(panels[p]['columns'], c)} "
-                     f"(tested at step {'/'.join(str(s) for s in steps)})")
+        parts.append(f"{', '.join(label for label, _ in members)} on {_label(panels[p]['columns'], c)} "
+                     f"(tested at step {states[0][3]})")  # the tested step is part of the state
     if not parts:
         return None
     return ("same tested weights: these cells' runs logged identical training losses and dev metrics up to "
