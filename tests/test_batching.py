@@ -200,6 +200,7 @@ def _icl_examples():
     return demos, tests + copas, [record.render(long_record)]
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache is passed by the keyword the model takes
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
 def test_prefix_cache_gives_the_same_scores(fixture, request):
     model, tok = request.getfixturevalue(fixture)
@@ -242,6 +243,7 @@ def test_greedy_decoding_equals_transformers_generate(tiny_llama):
     assert ours == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")
 def test_generation_with_a_cached_prefix_equals_without(tiny_llama):
     model, tok = tiny_llama
     model = _peaked(model)
@@ -258,3 +260,22 @@ def test_generation_with_a_cached_prefix_equals_without(tiny_llama):
     cached = generate(model, enc, examples, batch_size=2, max_new_tokens=6, stop=None, prefix_cache=True)
     plain = generate(model, enc, examples, batch_size=2, max_new_tokens=6, stop=None, prefix_cache=False)
     assert cached == plain and any(cached)
+
+
+def test_the_cache_keyword_follows_the_forward_signature():
+    """transformers 5 calls the key/value cache ``cache`` (``past_key_values`` goes in 5.40); older
+    versions only know ``past_key_values``."""
+    from types import SimpleNamespace
+
+    from zoexp.scoring import with_cache
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None):
+            return input_ids
+
+    assert with_cache(SimpleNamespace(base_model=Before()), "kv") == {"past_key_values": "kv", "use_cache": True}
+    assert with_cache(SimpleNamespace(base_model=After()), "kv") == {"cache": "kv", "use_cache": True}

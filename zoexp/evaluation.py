@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from zoexp.metrics import exact_match, f1
-from zoexp.scoring import Encoder, Request, score_candidates, shared_prefix_groups
+from zoexp.scoring import Encoder, Request, cached_layers, score_candidates, shared_prefix_groups, with_cache
 from zoexp.tasks import Example, Task
 
 
@@ -131,8 +131,7 @@ def generate(model, encoder: Encoder, examples: Sequence[Example | str], batch_s
 
 def _prefix_cache(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     device = next(model.parameters()).device
-    out = model.base_model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return cached_layers(model, torch.tensor([prefix], device=device))
 
 
 def _greedy(model, layers, prefix_len: int, prompts: list[list[int]], max_new_tokens: int,
@@ -161,7 +160,7 @@ def _greedy(model, layers, prefix_len: int, prompts: list[list[int]], max_new_to
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     generated = []
     hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=True)[0]
+                              **with_cache(model, cache))[0]
     for step in range(max_new_tokens):
         token = head(hidden[:, -1]).argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
@@ -172,7 +171,7 @@ def _greedy(model, layers, prefix_len: int, prompts: list[list[int]], max_new_to
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         hidden = model.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True)[0]
+                                  **with_cache(model, cache))[0]
     out = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(b)]
     result = []
     for row in out:

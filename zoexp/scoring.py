@@ -11,6 +11,8 @@ token each; classification with single-token candidates sharing a prompt is one 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -409,6 +411,28 @@ def _common_length(a: list[int], b: list[int], limit: int) -> int:
 PREFIX_CACHE_BYTES = 512 * 2**20
 
 
+@functools.cache
+def _cache_keyword(forward_cls: type) -> str:
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache) -> dict[str, Any]:
+    """``{keyword: cache}`` for ``model.base_model``'s forward: transformers 5 names the key/value cache
+    ``cache`` (``past_key_values`` is deprecated there and goes in 5.40), earlier versions
+    ``past_key_values``. Read from the forward's signature, so both work without a version check."""
+    return {_cache_keyword(type(model.base_model)): cache, "use_cache": True}
+
+
+def cached_layers(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``ids`` through ``model.base_model`` with a cache and return its (keys, values) per layer."""
+    out = model.base_model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[int], prefix_len: int,
                               pad_id: int, batch_size: int):
     """Yields (request indices, their reads' log-probs) for ``members``, whose first ``prefix_len`` tokens
@@ -418,8 +442,7 @@ def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[
 
     device = next(model.parameters()).device
     prefix = torch.tensor([requests[members[0]].ids[:prefix_len]], device=device)
-    out = model.base_model(input_ids=prefix, use_cache=True)
-    layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    layers = cached_layers(model, prefix)
     row_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
     rows = max(1, min(batch_size, PREFIX_CACHE_BYTES // max(row_bytes, 1)))
     head = model.get_output_embeddings()
@@ -432,7 +455,7 @@ def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[
                              config=model.config)
         full_mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
         hidden = model.base_model(input_ids=ids, attention_mask=full_mask, position_ids=positions + prefix_len,
-                                  past_key_values=cache, use_cache=True)[0]
+                                  **with_cache(model, cache))[0]
         rows_idx, cols = [], []
         for row, i in enumerate(chunk):
             for pos, _ in requests[i].reads:
