@@ -8,7 +8,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from zoexp.metrics import exact_match, f1
-from zoexp.scoring import Encoder, Request, cached_layers, score_candidates, shared_prefix_groups, with_cache
+from zoexp.scoring import (
+    Encoder,
+    Request,
+    cached_layers,
+    repeated_cache,
+    score_candidates,
+    shared_prefix_groups,
+    with_cache,
+)
 from zoexp.tasks import Example, Task
 
 
@@ -113,7 +121,10 @@ def generate(model, encoder: Encoder, examples: Sequence[Example | str], batch_s
     for prefix_len, members in jobs:
         if not members:
             continue
-        layers = _prefix_cache(model, encoded[members[0]][:prefix_len]) if prefix_len else None
+        layers = None
+        if prefix_len:
+            prefix = torch.tensor([encoded[members[0]][:prefix_len]], device=next(model.parameters()).device)
+            layers = cached_layers(model, prefix)
         order = sorted(members, key=lambda i: len(encoded[i]), reverse=True)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -127,11 +138,6 @@ def generate(model, encoder: Encoder, examples: Sequence[Example | str], batch_s
             if progress is not None:
                 progress(len(idx))
     return outputs
-
-
-def _prefix_cache(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    device = next(model.parameters()).device
-    return cached_layers(model, torch.tensor([prefix], device=device))
 
 
 def _greedy(model, layers, prefix_len: int, prompts: list[list[int]], max_new_tokens: int,
@@ -150,8 +156,7 @@ def _greedy(model, layers, prefix_len: int, prompts: list[list[int]], max_new_to
     ids, mask = ids.to(device), mask.to(device)
     positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
     if layers:
-        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers],
-                             config=model.config)
+        cache = repeated_cache(model, layers, b)
         mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
     else:
         cache = DynamicCache(config=model.config)

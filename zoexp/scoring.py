@@ -433,13 +433,19 @@ def cached_layers(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Te
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def repeated_cache(model, layers: list[tuple[torch.Tensor, torch.Tensor]], rows: int):
+    """A key/value cache holding ``layers`` (one row each, from ``cached_layers``) for ``rows`` rows."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers],
+                        config=model.config)
+
+
 def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[int], prefix_len: int,
                               pad_id: int, batch_size: int):
     """Yields (request indices, their reads' log-probs) for ``members``, whose first ``prefix_len`` tokens
     are equal: the prefix runs once with a key/value cache; each batch runs only the members' own tokens
     (right-padded) after a copy of that cache, with positions counted from the end of the prefix."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     prefix = torch.tensor([requests[members[0]].ids[:prefix_len]], device=device)
     layers = cached_layers(model, prefix)
@@ -451,8 +457,7 @@ def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[
         chunk = order[start:start + rows]
         ids, mask, positions = collate([requests[i].ids[prefix_len:] for i in chunk], pad_id, device, "right")
         b = len(chunk)
-        cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in layers],
-                             config=model.config)
+        cache = repeated_cache(model, layers, b)
         full_mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
         hidden = model.base_model(input_ids=ids, attention_mask=full_mask, position_ids=positions + prefix_len,
                                   **with_cache(model, cache))[0]
