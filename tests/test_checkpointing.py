@@ -241,3 +241,16 @@ def test_unarmed_or_second_signal_interrupts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored after the run
+
+
+def test_an_immediate_stop_names_the_phase_it_stopped_in():
+    guard = PreemptionGuard()
+    with guard:
+        with pytest.raises(Preempted, match="SIGTERM while setting up; no checkpoint"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    guard = PreemptionGuard()
+    with guard, guard.armed("the test evaluation", "finishing it"):
+        os.kill(os.getpid(), signal.SIGTERM)  # deferred
+        assert guard.requested and guard.deferred_phase == "during the test evaluation"
+        with pytest.raises(Preempted, match="SIGTERM during the test evaluation; no checkpoint"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the second one stops at once

@@ -67,6 +67,30 @@ def final_weights(run_dir: Path, steps: int) -> dict[str, torch.Tensor]:
     return load_tensors(run_dir / "checkpoints" / f"step-{steps:08d}" / "model.safetensors")[0]
 
 
+def test_a_signal_during_the_test_evaluation_writes_the_row_then_stops(tmp_path, fixture_data_dir, monkeypatch):
+    """The test evaluation finishes (its row is the result), the row says ok, and the run then stops with
+    Preempted (exit code 143 in the CLI), so that a sweep does not start its next job."""
+    import zoexp.runner
+    from zoexp.resume import Preempted
+
+    monkeypatch.setenv("ZOEXP_DATA_DIR", str(fixture_data_dir))
+    evaluate = zoexp.runner.Experiment.evaluate
+
+    def signalled(self, examples, split):
+        if split == "test":
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the test evaluation is armed
+        return evaluate(self, examples, split)
+
+    monkeypatch.setattr(zoexp.runner.Experiment, "evaluate", signalled)
+    results = tmp_path / "rows.jsonl"
+    with pytest.raises(Preempted, match="SIGTERM during the test evaluation; the run finished first and its row "
+                                        r"is written \(status ok\)"):
+        run_inprocess([*TINY, "method=zero-shot", f"run.results_file={results}"], tmp_path / "run")
+    [row] = read_rows(results)
+    assert row["status"] == "ok" and row["test/n"] == 24 and row["test/acc"] is not None
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+
+
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(tmp_path, fixture_data_dir, monkeypatch):
     monkeypatch.setenv("ZOEXP_DATA_DIR", str(fixture_data_dir))
     method, steps = "mezo", 24

@@ -76,10 +76,11 @@ class ResumeError(RuntimeError):
 class Preempted(Exception):
     """Raised by the runner after it saved a checkpoint because a preemption signal arrived."""
 
-    def __init__(self, signum: int | None, step: int | None, checkpoint: Path | None):
+    def __init__(self, signum: int | None, step: int | None, checkpoint: Path | None,
+                 where: str = "before training", saved: str | None = None):
         name = signal.Signals(signum).name if signum else "a preemption signal"
-        where = f"at step {step}" if step is not None else "before training"
-        saved = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
+        where = f"at step {step}" if step is not None else where
+        saved = saved or (f"checkpoint {checkpoint}" if checkpoint else "no checkpoint")
         super().__init__(f"received {name} {where}; {saved}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
@@ -90,10 +91,12 @@ class Preempted(Exception):
 class PreemptionGuard:
     """SIGTERM / SIGINT / SIGUSR2 (SLURM and submitit's pre-timeout signal) handling.
 
-    While ``armed`` (the training loop) a first signal only sets ``requested``: the runner finishes
-    the current step, saves a checkpoint and stops with a ``preempted`` row. Outside it, or at a
-    second signal, it interrupts at once (SIGINT as KeyboardInterrupt). ``chain()`` then calls the
-    handler that was installed before (e.g. submitit's requeue on SIGUSR2).
+    While ``armed`` (the training loop, the test evaluation) a first signal only sets ``requested``
+    and says what the run finishes first: the current step (then a checkpoint and a ``preempted``
+    row), or the test evaluation (its row is the result; the runner stops after writing it). Outside
+    it, or at a second signal, it interrupts at once (SIGINT as KeyboardInterrupt), naming the phase
+    it stopped in. ``chain()`` then calls the handler that was installed before (e.g. submitit's
+    requeue on SIGUSR2).
     """
 
     SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
@@ -104,6 +107,8 @@ class PreemptionGuard:
         self._armed = False
         self._previous: dict[int, object] = {}  # kept after exit, for chain()
         self._installed = False
+        self.phase = "while setting up"  # where an immediate stop happened, for its message
+        self.deferred_phase: str | None = None  # where the first, deferred signal arrived
 
     @property
     def requested(self) -> bool:
@@ -123,23 +128,25 @@ class PreemptionGuard:
             self._installed = False
 
     @contextmanager
-    def armed(self) -> Iterator[None]:
-        self._armed = True
+    def armed(self, phase: str = "training", first: str = "saving a checkpoint after this step") -> Iterator[None]:
+        """Defer a first signal while ``phase`` runs; ``first`` says what the run does before it stops."""
+        self._armed, self.phase, self._first = True, f"during {phase}", first
         try:
             yield
         finally:
-            self._armed = False
+            self._armed, self.phase = False, f"after {phase}"
 
     def _handle(self, signum, frame) -> None:
         first = self.signum is None
         self.signum = self.signum or signum
         if first and self._armed:
-            log.warning("received %s: saving a checkpoint after this step, then stopping "
-                        "(send it again to stop at once)", signal.Signals(signum).name)
+            self.deferred_phase = self.phase
+            log.warning("received %s %s: %s, then stopping (send it again to stop at once)",
+                        signal.Signals(signum).name, self.phase, self._first)
             return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
-        raise Preempted(signum, None, None)
+        raise Preempted(signum, None, None, where=self.phase)
 
     def chain(self) -> None:
         """Call the previously installed Python handler of the signal received (submitit requeues the

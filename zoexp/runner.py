@@ -157,6 +157,10 @@ def _run_and_record(cfg: DictConfig, start: resume.ResumePoint, dist, keep_resul
     _finish(cfg, row, meter, t_start, dist, result_dir=run_dir if dist.is_main and keep_result else None)
     if dist.is_main and keep_result and not cfg.run.get("keep_checkpoints", False):
         shutil.rmtree(run_dir / resume.CHECKPOINTS, ignore_errors=True)  # no longer needed
+    if guard.requested:  # a signal the test evaluation deferred: its row is written; stop (a sweep too)
+        guard.chain()
+        raise Preempted(guard.signum, None, None, where=guard.deferred_phase or guard.phase,
+                        saved=f"the run finished first and its row is written (status {row['status']})")
     return row
 
 
@@ -517,7 +521,9 @@ class Experiment:
         row, metric, encoder = self.row, self.task.metric, self.encoder
         row["status"] = "running"
         encoder.reset_truncated()  # count the test set's truncated prompts only
-        with self.bar, self.guard.armed(), self.metrics.closed_on_error():  # a signal now lets the test eval finish
+        # a first signal lets the test evaluation finish: its row is the result (the runner stops after it)
+        with self.bar, self.guard.armed("the test evaluation", "finishing it and writing the row"), \
+                self.metrics.closed_on_error():
             result = self.evaluate(self.data.test, "test")
         self.metrics.log_eval(self.settings.steps, "test", result)
         self.metrics.close({f"test/{metric}": result.get(metric), f"dev/{metric}": row.get(f"dev/{metric}")})
