@@ -185,6 +185,33 @@ def test_result_json_is_written_before_the_row(tmp_path, fixture_data_dir, monke
     assert kept["status"] == "ok" and kept["test/n"] == 24  # the metric survives beside the run
 
 
+def test_a_loss_that_rises_without_a_nan_is_said_and_recorded(tmp_path, fixture_data_dir, monkeypatch, caplog):
+    """A run diverging slowly never hits the NaN check: it ends ok, but the log says so and the row keeps
+    the rise (the report names such cells)."""
+    from conftest import compose
+
+    from zoexp import runner
+    from zoexp.methods import MeZO
+
+    monkeypatch.setenv("ZOEXP_DATA_DIR", str(fixture_data_dir))
+    step = MeZO.step
+
+    def rising(self, closure):  # the loss it reports grows with every step: 1x, 2x, ..., 6x
+        self.calls = getattr(self, "calls", 0) + 1
+        return float(step(self, closure)) * self.calls
+
+    monkeypatch.setattr(MeZO, "step", rising)
+    cfg = compose([*TINY, "run.steps=6", "run.log_every=2", "run.eval_every=0", "method.lr=1e-3",
+                   f"results_dir={tmp_path / 'results'}"])
+    row = runner.run(cfg, run_dir=tmp_path / "run")
+    assert row["status"] == "ok" and row["train/loss_rise"] > 2
+    assert "the training loss rose" in caplog.text and "diverging" in caplog.text
+    monkeypatch.setattr(MeZO, "step", step)
+    caplog.clear()
+    steady = runner.run(cfg, run_dir=tmp_path / "steady")
+    assert steady["train/loss_rise"] < 2 and "loss rose" not in caplog.text
+
+
 def test_run_name_reuse_with_another_config_is_refused(tmp_path, fixture_data_dir):
     base = [*TINY, "run.steps=2", "run.eval_every=0", "run.name=x"]
     zoexp([*base, "method.lr=1e-3"], tmp_path, fixture_data_dir)

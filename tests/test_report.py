@@ -286,3 +286,26 @@ def test_cells_whose_runs_agree_up_to_the_tested_step_are_named(toy):
     assert report.same_weights_note(at_end) is None  # tested at the end: the equal numbers are a coincidence
     other_test = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.6)])
     assert report.same_weights_note(other_test) is None
+
+
+def test_cells_whose_runs_ended_with_a_rising_loss_are_named(toy):
+    """A run that diverges without a NaN ends `ok`; the report names its cell instead of letting its number
+    pass as the configuration's."""
+    def run(method, losses, seed=0):
+        return row(method, seed=seed, best_step=2, run={"steps": 4, "batch_size": 4, "seed": seed, "keep_best": "memory"},
+                   curve=[{"step": s, "loss": x} for s, x in zip((1, 2, 3, 4), losses)])
+
+    steady = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6]), run("hizoo", [0.9, 1.2, 1.5, 1.7])])
+    assert report.loss_rose_note(steady) is None  # 1.7 / 0.9 < 2: noisy, not diverging
+    rising = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6]), run("hizoo", [0.8, 1.0, 4.0, 7.2])])
+    note = report.loss_rose_note(rising)
+    assert "ZO HiZOO on Task A (1 of 1 runs: seed 0 9.0× tested at step 2)" in note and "MeZO" not in note
+    assert note in report.notes(rising)
+
+
+def test_loss_rise_is_the_last_logged_loss_over_the_first():
+    from zoexp.results import loss_rise
+
+    assert loss_rise([{"step": 5, "loss": 0.5}, {"step": 10, "loss": float("nan")}, {"step": 15, "loss": 2.0}]) == 4.0
+    assert loss_rise([{"step": 5, "loss": 0.5}]) is None  # one point: nothing to compare
+    assert loss_rise(None) is None and loss_rise([{"step": 1, "loss": 0.0}, {"step": 2, "loss": 1.0}]) is None

@@ -56,7 +56,7 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
 )
 from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
 from zoexp.provenance import canonical_code_version
-from zoexp.results import read_rows
+from zoexp.results import LOSS_ROSE, loss_rise, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -543,18 +543,24 @@ def notes(table: Table) -> list[str]:
     for reason, where in missing.items():
         shown = ", ".join(where[:10]) + (f", … ({len(where)} cells)" if len(where) > 10 else "")
         out.append(f"— {reason}: {shown}")
-    for extra in (same_weights_note(table), timing_note(table)):
+    for extra in (same_weights_note(table), loss_rose_note(table), timing_note(table)):
         if extra:
             out.append(extra)
     return out
 
 
+def _tested_step(row: dict) -> int | None:
+    """The step whose weights a trained run was tested at: the best dev step with ``run.keep_best``, else
+    the last."""
+    best = row.get("best_step")
+    return best if best is not None and get_path(row, "run.keep_best") != "none" else row.get("steps")
+
+
 def _tested_state(row: dict) -> tuple | None:
     """What identifies the weights a trained run was tested at: the logged training losses and dev
-    metrics up to the tested step (the best dev step with ``run.keep_best``, else the last), and the
-    test value. None for runs that log no training curve (zero-shot, ICL) or fewer than two points."""
-    best = row.get("best_step")
-    tested = best if best is not None and get_path(row, "run.keep_best") != "none" else row.get("steps")
+    metrics up to the tested step, and the test value. None for runs that log no training curve
+    (zero-shot, ICL) or fewer than two points."""
+    tested = _tested_step(row)
     if tested is None:
         return None
     losses = tuple((e.get("step"), e.get("loss")) for e in row.get("curve") or []
@@ -598,6 +604,29 @@ def same_weights_note(table: Table) -> str | None:
             "the step whose weights were tested and print the same test number, so they do not compare "
             "their labels (the runs part only after that step, e.g. an interval longer than the run or a best "
             "dev step before the variants differ): " + "; ".join(parts) + ".")
+
+
+def loss_rose_note(table: Table) -> str | None:
+    """Name the cells whose selected runs ended with a training loss above ``LOSS_ROSE`` times their first
+    logged loss: they were diverging without a NaN (which would have made them ``diverged``), so their
+    numbers say that the configuration is unstable here. None when no cell's runs rose."""
+    panels = panels_of(table.layout)
+    parts = []
+    for (p, r, c), cell in table.cells.items():
+        sel = cell.selection
+        if cell.quantity != "test" or sel is None or not sel.rows:
+            continue
+        rises = [(row, loss_rise(row.get("curve"))) for row in sel.rows]
+        rose = [(row, x) for row, x in rises if x is not None and x > LOSS_ROSE]
+        if rose:
+            which = " and ".join(f"seed {row.get('seed')} {x:.1f}× tested at step {_tested_step(row)}" for row, x in rose)
+            parts.append(f"{_label(panels[p]['rows'], r)} on {_label(panels[p]['columns'], c)} "
+                         f"({len(rose)} of {len(rises)} runs: {which})")
+    if not parts:
+        return None
+    return (f"rising loss: these cells' runs ended with a training loss above {LOSS_ROSE:g}× their first logged "
+            "loss (diverging without a NaN, which would have made them `diverged`): "
+            + "; ".join(parts) + ".")
 
 
 def timing_note(table: Table) -> str | None:

@@ -105,6 +105,21 @@ def versions() -> dict:
     return out
 
 
+#: a run whose last logged training loss is this many times its first is named as rising (diverging without
+#: a NaN, which would have stopped it as ``diverged``): by the runner's warning and the report's note
+LOSS_ROSE = 2.0
+
+
+def loss_rise(curve: list[dict] | None) -> float | None:
+    """The last logged training loss over the first (``curve``: a row's ``curve``); None with fewer than two
+    finite points or a first loss that is not positive."""
+    losses = [p.get("loss") for p in curve or []]
+    losses = [x for x in losses if isinstance(x, int | float) and math.isfinite(x)]
+    if len(losses) < 2 or losses[0] <= 0:
+        return None
+    return losses[-1] / losses[0]
+
+
 def rows_files(path: str | os.PathLike) -> list[Path]:
     """The JSON-lines row files at ``path``: the file itself, or for a results directory its ``runs.jsonl``
     and the reproduction sweeps' ``experiments/<table>/<profile>.jsonl``."""

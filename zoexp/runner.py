@@ -29,7 +29,7 @@ from zoexp.measure import Meter, device_name
 from zoexp.methods import META_KEYS, build_method
 from zoexp.models import count_params, load_model, model_devices, resolve_device, resolve_dtype
 from zoexp.provenance import method_code_version
-from zoexp.results import append_row, git_commit, versions
+from zoexp.results import LOSS_ROSE, append_row, git_commit, loss_rise, versions
 from zoexp.resume import Checkpointer, Preempted, PreemptionGuard
 from zoexp.scoring import Encoder
 from zoexp.tasks import Example, Task
@@ -511,6 +511,13 @@ class Experiment:
             "best_step": st.best_step,
             **self.dist.row_fields(st.step - first_step),
         }
+        rise = loss_rise(st.counters.curve)
+        fields["train/loss_rise"] = rise  # last logged loss / first: above LOSS_ROSE the run was diverging
+        if rise is not None and rise > LOSS_ROSE:
+            first, last = st.counters.curve[0], st.counters.curve[-1]
+            log.warning("the training loss rose %.1fx, from %.4g at step %s to %.4g at step %s: the run is diverging "
+                        "(a smaller learning rate or eps usually helps)",
+                        rise, first["loss"], first["step"], last["loss"], last["step"])
         if self.checkpointer.saves:
             fields.update({"checkpoints_written": self.checkpointer.saves,
                            "checkpoint_bytes": self.checkpointer.saved_bytes})
