@@ -121,10 +121,7 @@ def generate(model, encoder: Encoder, examples: Sequence[Example | str], batch_s
     for prefix_len, members in jobs:
         if not members:
             continue
-        layers = None
-        if prefix_len:
-            prefix = torch.tensor([encoded[members[0]][:prefix_len]], device=next(model.parameters()).device)
-            layers = cached_layers(model, prefix)
+        layers = cached_layers(model, encoded[members[0]][:prefix_len]) if prefix_len else None
         order = sorted(members, key=lambda i: len(encoded[i]), reverse=True)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]

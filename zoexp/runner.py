@@ -159,7 +159,7 @@ def _run_and_record(cfg: DictConfig, start: resume.ResumePoint, dist, keep_resul
         shutil.rmtree(run_dir / resume.CHECKPOINTS, ignore_errors=True)  # no longer needed
     if guard.requested:  # a signal the test evaluation deferred: its row is written; stop (a sweep too)
         guard.chain()
-        raise Preempted(guard.signum, None, None, where=guard.deferred_phase or guard.phase,
+        raise Preempted(guard.signum, None, None, where=guard.deferred_phase,
                         saved=f"the run finished first and its row is written (status {row['status']})")
     return row
 

@@ -424,8 +424,10 @@ def with_cache(model, cache) -> dict[str, Any]:
     return {_cache_keyword(type(model.base_model)): cache, "use_cache": True}
 
 
-def cached_layers(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``ids`` through ``model.base_model`` with a cache and return its (keys, values) per layer."""
+def cached_layers(model, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run the token ids ``prefix`` (one row) through ``model.base_model`` with a cache and return its
+    (keys, values) per layer."""
+    ids = torch.tensor([list(prefix)], device=next(model.parameters()).device)
     out = model.base_model(input_ids=ids, use_cache=True)
     cache = getattr(out, "cache", None)
     if cache is None:
@@ -447,8 +449,7 @@ def read_logprobs_with_prefix(model, requests: Sequence[Request], members: list[
     are equal: the prefix runs once with a key/value cache; each batch runs only the members' own tokens
     (right-padded) after a copy of that cache, with positions counted from the end of the prefix."""
     device = next(model.parameters()).device
-    prefix = torch.tensor([requests[members[0]].ids[:prefix_len]], device=device)
-    layers = cached_layers(model, prefix)
+    layers = cached_layers(model, requests[members[0]].ids[:prefix_len])
     row_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
     rows = max(1, min(batch_size, PREFIX_CACHE_BYTES // max(row_bytes, 1)))
     head = model.get_output_embeddings()
