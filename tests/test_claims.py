@@ -5,6 +5,7 @@ reads the cells it names and agrees with the paper's own numbers (or says why no
 from __future__ import annotations
 
 import pytest
+import yaml
 from test_report import TOY, row, toy  # noqa: F401 -- the toy table fixture
 
 import zoexp.report as report
@@ -136,3 +137,33 @@ def test_every_shipped_claim_reads_its_cells_and_agrees_with_the_papers_numbers(
 
 def test_toy_layout_is_unchanged_by_claims():
     assert "claims" not in TOY
+
+
+def test_a_claim_on_a_mean_column_is_also_checked_on_the_columns_measured_so_far(toy, monkeypatch):  # noqa: F811
+    three = {**TOY, "columns": [{"key": "a", "label": "Task A", "select": {"task": "sst2"}},
+                                {"key": "b", "label": "Task B", "select": {"task": "taskb"}},
+                                {"key": "c", "label": "Task C", "select": {"task": "taskc"}},
+                                {"key": "avg", "label": "Average", "aggregate": "mean"}],
+             "paper": {"mezo": {"a": 90.0, "b": 60.0, "c": 30.0, "avg": 60.0},
+                       "hizoo": {"a": 80.0, "b": 80.0, "c": 80.0, "avg": 80.0}}}
+    (toy / "toy3.yaml").write_text(yaml.safe_dump(three, allow_unicode=True))
+    monkeypatch.setattr(report, "table_claims", lambda name: [{"text": "HiZOO's average is above MeZO's",
+                                                               "check": "cell(hizoo, avg) > cell(mezo, avg)"}])
+    rows = [row(method=m, task=t, test=v) for m, t, v in
+            (("mezo", "sst2", 0.5), ("mezo", "taskb", 0.7), ("hizoo", "sst2", 0.8), ("hizoo", "taskb", 0.6))]
+    claim = build("toy3", "smoke", rows).claims[0]
+    # the verdict is not changed by what is measured so far: the claim is about every column
+    assert claim.ours.verdict == NOT_MEASURABLE and claim.paper.verdict == PASS
+    assert claim.so_far.label == "Task A, Task B (2 of 3 columns in Average)"
+    assert (claim.so_far.ours.verdict, claim.so_far.ours.trace) == (PASS, "70 > 60")  # (80+60)/2 vs (50+70)/2
+    assert (claim.so_far.paper.verdict, claim.so_far.paper.trace) == (PASS, "80 > 75")  # the paper's, same columns
+    line = [x for x in render_markdown([claim]) if x.startswith("| HiZOO")][0]
+    assert line.endswith("| — | not measurable here: hizoo/avg: needs every column; mezo/avg: needs every column. "
+                         "So far, on Task A, Task B (2 of 3 columns in Average): paper 80 > 75 ✓, ours 70 > 60 ✓ "
+                         "(indicative only: the claim is about every column) |")
+    # a column that one row lacks is left out of every row's mean; one column left is not "so far"
+    assert build("toy3", "smoke", rows[:3]).claims[0].so_far is None
+    # every column measured: the claim itself is checked (here ✗ where the first two columns gave ✓), nothing added
+    rows += [row(method="mezo", task="taskc", test=0.9), row(method="hizoo", task="taskc", test=0.2)]
+    claim = build("toy3", "smoke", rows).claims[0]
+    assert claim.ours.verdict == FAIL and claim.ours.trace == "53.3 > 70" and claim.so_far is None

@@ -434,6 +434,16 @@ def evaluate(check: str | Node, grid: Grid, mode: str = "ours") -> Outcome:
 
 
 @dataclass
+class SoFar:
+    """A claim about a mean over columns, checked on the columns that are measured so far (indicative only:
+    the verdict stays "not measurable here" until every column has a number)."""
+
+    label: str  # which columns, e.g. "SST-2, RTE, WSC, WiC (4 of 7 columns)"
+    paper: Outcome
+    ours: Outcome
+
+
+@dataclass
 class ClaimResult:
     text: str
     check: str
@@ -441,10 +451,15 @@ class ClaimResult:
     paper: Outcome
     ours: Outcome
     paper_fails: str = ""  # why the paper's own numbers contradict its text (the claim's `paper_fails`)
+    so_far: SoFar | None = None  # a not-measurable claim checked on the columns measured so far
 
 
-def check_claims(claims: list[dict], grid: Grid) -> list[ClaimResult]:
-    """Every claim's verdict on the paper's numbers and on ours (raises ClaimError for a malformed one)."""
+def check_claims(claims: list[dict], grid: Grid, so_far: tuple[str, Grid] | None = None) -> list[ClaimResult]:
+    """Every claim's verdict on the paper's numbers and on ours (raises ClaimError for a malformed one).
+
+    ``so_far`` is (label, grid) of the same table with each mean column taken over the columns measured so far
+    (zoexp.report.so_far_grid): a claim not measurable on ``grid`` is also checked there, on both sides, and
+    the result is kept beside its verdict, which does not change."""
     out = []
     for claim in claims or []:
         if not isinstance(claim, dict) or "text" not in claim or "check" not in claim:
@@ -453,9 +468,15 @@ def check_claims(claims: list[dict], grid: Grid) -> list[ClaimResult]:
         unknown = set(claim) - {"text", "check", "source", "paper_fails"}
         if unknown:
             raise ClaimError(f"claim {claim['text']!r}: unknown keys {sorted(unknown)}")
-        out.append(ClaimResult(str(claim["text"]), str(claim["check"]), str(claim.get("source") or ""),
-                               evaluate(node, grid, "paper"), evaluate(node, grid, "ours"),
-                               str(claim.get("paper_fails") or "")))
+        result = ClaimResult(str(claim["text"]), str(claim["check"]), str(claim.get("source") or ""),
+                             evaluate(node, grid, "paper"), evaluate(node, grid, "ours"),
+                             str(claim.get("paper_fails") or ""))
+        if so_far is not None and result.ours.verdict == NOT_MEASURABLE:
+            label, partial = so_far
+            ours = evaluate(node, partial, "ours")
+            if ours.verdict != NOT_MEASURABLE:
+                result.so_far = SoFar(label, evaluate(node, partial, "paper"), ours)
+        out.append(result)
     return out
 
 
@@ -475,6 +496,9 @@ def render_markdown(results: list[ClaimResult]) -> list[str]:
     for r in results:
         claim = r.text + (f" ({r.source})" if r.source else "")
         verdict = r.ours.verdict if r.ours.verdict != NOT_MEASURABLE else f"{NOT_MEASURABLE}: {r.ours.why}"
+        if r.so_far is not None:
+            verdict += (f". So far, on {r.so_far.label}: paper {cell_text(r.so_far.paper)}, ours "
+                        f"{cell_text(r.so_far.ours)} (indicative only: the claim is about every column)")
         paper = cell_text(r.paper) + (f" — {r.paper_fails}" if r.paper_fails else "")
         row = [claim, f"`{r.check}`", paper, cell_text(r.ours), verdict]
         out.append("| " + " | ".join(x.replace("|", "\\|") for x in row) + " |")

@@ -20,7 +20,8 @@ rows of one method made by different versions of its code -- ``code_version``, z
 
 Under each table a Claims block checks what the paper's text says about it (``sweep.claims`` of
 ``conf/experiment/<table>.yaml``, language in ``zoexp.claims``) on the paper's numbers and on ours:
-✓, ✗ or "not measurable here" with the reason.
+✓, ✗ or "not measurable here" with the reason; a claim on a mean column that is short of columns is also
+checked, as an indication, on the columns measured so far (``so_far_grid``).
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
     for r in rows:
         table.compute_s[str(r.get("task"))] = table.compute_s.get(str(r.get("task")), 0.0) + (r.get("time/total_s") or 0.0)
     try:
-        table.claims = check_claims(table_claims(name), claims_grid(table))
+        table.claims = check_claims(table_claims(name), claims_grid(table), so_far_grid(table))
     except ClaimError as exc:  # a malformed claim in conf/experiment/<name>.yaml: say where
         raise ReportError(f"conf/experiment/{name}.yaml, sweep.claims: {exc}") from exc
     return table
@@ -341,6 +342,45 @@ def claims_grid(table: Table) -> Grid:
     return Grid([data(pn["rows"], False) for pn in panels], [data(pn["columns"], True) for pn in panels],
                 [{r["key"] for r in pn["rows"]} for pn in panels], [{c["key"] for c in pn["columns"]} for pn in panels],
                 ours, paper)
+
+
+def so_far_grid(table: Table) -> tuple[str, Grid] | None:
+    """The claims grid with each mean column taken over only the columns measured so far, for the claims
+    that need a mean over every column (zoexp.claims.SoFar): a column counts where every data row has our
+    number and the paper's. None where no mean column is short of columns, or fewer than two are measured."""
+    base = claims_grid(table)
+    means: dict[tuple[int, str, str], tuple[float, float]] = {}  # (panel, row, mean column) -> (ours, paper)
+    labels = []
+    for p, panel in enumerate(panels_of(table.layout)):
+        for col in panel["columns"]:
+            if col.get("aggregate") != "mean":
+                continue
+            q = col.get("quantity") or panel.get("quantity", "test")
+            parts = [c for c in panel["columns"] if not (c.get("aggregate") or c.get("relative") or c.get("paper_only"))
+                     and (c.get("quantity") or panel.get("quantity", "test")) == q]
+            measured = [c for c in parts if all(table.cells[(p, r, c["key"])].mean is not None
+                                                and table.cells[(p, r, c["key"])].paper_value is not None
+                                                for r in base.rows[p])]
+            if len(measured) == len(parts) or len(measured) < 2:
+                continue
+            labels.append(f"{', '.join(c.get('label', c['key']) for c in measured)} ({len(measured)} of {len(parts)} "
+                          f"columns in {col.get('label', col['key'])})")
+            for r in base.rows[p]:
+                cells_ = [table.cells[(p, r, c["key"])] for c in measured]
+                means[(p, r, col["key"])] = (statistics.fmean(x.mean for x in cells_),
+                                             statistics.fmean(x.paper_value for x in cells_))
+    if not means:
+        return None
+
+    def lookup(side: int, fallback):
+        def read(row: str, col: str, p: int) -> tuple[float | None, str]:
+            if (p, row, col) in means:
+                return means[(p, row, col)][side], ""
+            return fallback(row, col, p)
+        return read
+
+    return "; ".join(labels), Grid(base.rows, base.columns, base.all_rows, base.all_columns,
+                                   lookup(0, base.ours), lookup(1, base.paper))
 
 
 def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str, sources: set[str]) -> None:
