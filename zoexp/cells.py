@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run settings that are part of the chosen configuration (the rest of `run` is bookkeeping).
-_RUN_BOOKKEEPING = ("seed", "progress", "results_file", "dir", "eval_batch_size", "log_every", "save_best",
-                    "keep_best", "device", "save_predictions", "accumulation_steps")
+# Run settings that do not define a configuration: where a run writes, how it shows progress, what it keeps
+# or also tests; the rest of `run` is part of the configuration (the report's cells, zoexp-report runs).
+RUN_BOOKKEEPING = frozenset({
+    "seed", "progress", "results_file", "dir", "name", "resume", "eval_batch_size", "log_every", "save_best",
+    "keep_best", "test_final", "device", "save_predictions", "checkpoint_every", "checkpoint_keep",
+    "keep_checkpoints", "distributed", "dist_backend", "dist_timeout_min", "accumulation_steps"})
 
 
 class ReportError(RuntimeError):
@@ -63,7 +66,7 @@ def metric_of(row: dict) -> str:
 
 def config_key(row: dict) -> str:
     """Everything that defines a configuration except the seed."""
-    run = {k: v for k, v in (row.get("run") or {}).items() if k not in _RUN_BOOKKEEPING}
+    run = {k: v for k, v in (row.get("run") or {}).items() if k not in RUN_BOOKKEEPING}
     return json.dumps({"hparams": row.get("hparams"), "run": run, "dtype": row.get("dtype"),
                        "model": row.get("model"), "task_protocol": row.get("task_protocol")},
                       sort_keys=True, default=str)

@@ -64,7 +64,7 @@ PLACEMENT_KEYS = {
     "run.resume", "run.name", "run.dir", "run.progress", "run.results_file", "run.device",
     "run.checkpoint_every", "run.checkpoint_keep", "run.keep_checkpoints",
     "run.distributed", "run.dist_backend", "run.dist_timeout_min", "run.eval_batch_size",
-    "model.device_map", "model.max_memory", "method.noise_threads", "run.save_predictions",
+    "model.device_map", "model.max_memory", "method.noise_threads", "run.save_predictions", "run.test_final",
     "run.dry_run", "run.memory_check", "model.architecture",  # zoexp.memory: prediction, not trajectory
 }
 

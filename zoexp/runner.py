@@ -198,6 +198,7 @@ class Settings:
     lr_schedule: str
     keep_best: str
     save_best: bool
+    test_final: bool        # also test the weights after the last step (test_final/<metric>)
     save_predictions: bool
     progress: bool          # the live display (main process only)
     eval_at_start: bool
@@ -218,7 +219,8 @@ class Settings:
             eval_batch_size=int(run.eval_batch_size),
             eval_every=int(run.eval_every) or steps, log_every=max(1, int(run.log_every)),
             lr_schedule=str(run.lr_schedule), keep_best=str(run.keep_best),
-            save_best=bool(run.get("save_best", False)), save_predictions=bool(run.get("save_predictions", False)),
+            save_best=bool(run.get("save_best", False)), test_final=bool(run.get("test_final", False)),
+            save_predictions=bool(run.get("save_predictions", False)),
             progress=bool(run.get("progress", True)) and is_main, eval_at_start=bool(run.get("eval_at_start", False)),
             eval_share_prompts=bool(run.get("eval_share_prompts", True)),
             eval_prefix_cache=bool(run.get("eval_prefix_cache", True)),
@@ -280,6 +282,7 @@ class Experiment:
         self.dist, self.start, self.guard = dist, start, guard
         self.device = dist.device
         self.state = TrainState()
+        self.final_result: dict | None = None  # the final weights' test result, where they are not the tested ones
 
     def run(self) -> None:
         self.setup()
@@ -394,6 +397,8 @@ class Experiment:
         self.model.eval()
         optimizer.flush()
         self.row.update(self.train_fields(first_step))
+        if s.test_final and self.keeper.saved and st.best_step != st.step:  # else the tested weights are these
+            self.final_result = self.test_evaluation("the final weights' test evaluation", "test_final")
         self.keeper.restore()
 
     def train_step(self, batch: list[Example]) -> float:
@@ -524,15 +529,23 @@ class Experiment:
         return fields
 
     # ------------------------------------------------------------------------------------------ test
+    def test_evaluation(self, phase: str, split: str) -> dict:
+        """Evaluate the test set on the model's weights now, ``split`` naming it in the logs and metrics."""
+        self.encoder.reset_truncated()  # count the test set's truncated prompts only
+        # a first signal lets the test evaluation finish: its row is the result (the runner stops after it)
+        with self.bar, self.guard.armed(phase, "finishing it and writing the row"), self.metrics.closed_on_error():
+            result = self.evaluate(self.data.test, split)
+        self.metrics.log_eval(self.settings.steps, split, result)
+        return result
+
     def test(self) -> None:
         row, metric, encoder = self.row, self.task.metric, self.encoder
         row["status"] = "running"
-        encoder.reset_truncated()  # count the test set's truncated prompts only
-        # a first signal lets the test evaluation finish: its row is the result (the runner stops after it)
-        with self.bar, self.guard.armed("the test evaluation", "finishing it and writing the row"), \
-                self.metrics.closed_on_error():
-            result = self.evaluate(self.data.test, "test")
-        self.metrics.log_eval(self.settings.steps, "test", result)
+        result = self.test_evaluation("the test evaluation", "test")
+        if self.settings.test_final and self.optimizer is not None:
+            # the weights after the last step: tested apart where the best-by-dev step was earlier (train())
+            final = self.final_result or result
+            row.update({f"test_final/{metric}": final.get(metric), "test_final/step": self.settings.steps})
         self.metrics.close({f"test/{metric}": result.get(metric), f"dev/{metric}": row.get(f"dev/{metric}")})
         for key, value in result.items():
             row[f"test/{key}" if key != "n" else "test/n"] = value
@@ -544,6 +557,9 @@ class Experiment:
         if self.optimizer is not None:
             self.keeper.cleanup(keep=self.settings.save_best)
         log.info("test %s = %.4f", metric, result[metric])
+        if self.final_result is not None:
+            log.info("test %s of the final weights (step %d; the tested ones are from step %s) = %.4f", metric,
+                     self.settings.steps, row.get("best_step"), self.final_result[metric])
 
     def evaluate(self, examples: list[Example], split: str) -> dict:
         """Score ``examples`` (each process its shard); on the test split also the predictions and timing."""

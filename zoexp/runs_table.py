@@ -18,11 +18,9 @@ import math
 import sys
 from pathlib import Path
 
+from zoexp.cells import RUN_BOOKKEEPING
+
 DEFAULT_KEYS = ("method", "task", "model")
-# run.* columns that never define a configuration (where a run writes, how it shows progress, ...)
-_NOT_CONFIG = {"seed", "progress", "results_file", "dir", "name", "resume", "eval_batch_size", "log_every",
-               "save_best", "keep_best", "device", "save_predictions", "checkpoint_every", "checkpoint_keep",
-               "keep_checkpoints", "distributed", "dist_backend", "dist_timeout_min", "accumulation_steps"}
 
 
 def default_metric(frame) -> str:
@@ -37,7 +35,7 @@ def varying_config_columns(frame) -> list[str]:
     out = []
     for col in frame.columns:
         head, _, tail = col.partition(".")
-        if head == "hparams" or (head == "run" and tail not in _NOT_CONFIG):
+        if head == "hparams" or (head == "run" and tail not in RUN_BOOKKEEPING):
             # missing values do not count (zero-shot rows have no hparams.lr: that does not split mezo's)
             if frame[col].dropna().map(repr).nunique() > 1:
                 out.append(col)
