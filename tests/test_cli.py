@@ -113,3 +113,14 @@ def test_help_and_cfg(tmp_path, fixture_data_dir):
 def test_python_dash_m(module, tmp_path, fixture_data_dir):
     out = subprocess.run([sys.executable, "-m", module, "--cfg", "job"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0 and "smollm2-135m" in out.stdout
+
+
+def test_the_summary_shows_the_final_weights_test_beside_the_best_by_dev(capsys):
+    from zoexp.cli import print_summary
+
+    row = {"method": "sgd", "model": "tiny-opt", "task": "sst2", "seed": 0, "status": "ok", "test_final/acc": 0.25,
+           "test_final/step": 6, "test/acc": 0.75, "test/n": 32, "dev/acc": 0.5, "best_step": 2}
+    print_summary(row)
+    out = capsys.readouterr().out
+    assert out.index("test acc ") < out.index("0.7500 (n=32)") < out.index("test acc, final weights")
+    assert "0.2500 (step 6)" in out and "0.5000 (step 2)" in out

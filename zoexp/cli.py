@@ -52,6 +52,9 @@ def print_summary(row: dict) -> None:
     for key, value in row.items():
         if key.startswith("test/") and key != "test/n":
             table.add_row(f"test {key[5:]}", f"{value:.4f} (n={row.get('test/n')})")
+    for key, value in row.items():  # run.test_final: the weights after the last step
+        if key.startswith("test_final/") and key != "test_final/step" and value is not None:
+            table.add_row(f"test {key[11:]}, final weights", f"{value:.4f} (step {row.get('test_final/step')})")
     for key, value in row.items():
         if key.startswith("dev/") and value is not None:
             table.add_row(f"best dev {key[4:]}", f"{value:.4f} (step {row.get('best_step')})")
