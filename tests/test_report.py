@@ -277,7 +277,13 @@ def test_cells_whose_runs_agree_up_to_the_tested_step_are_named(toy):
     same = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.7)])
     note = report.same_weights_note(same)
     assert "ZO MeZO, ZO HiZOO on Task A (tested at step 2)" in note
-    assert note in report.notes(same)
+    assert note in report.notes(same) and note.endswith("to test each run's final weights as well.")
+    # runs that also tested their final weights (run.test_final) show them: what the variants did differently
+    finals = [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.7)]
+    finals[0]["test_final/acc"], finals[1]["test_final/acc"] = 0.55, 0.8
+    note = report.same_weights_note(build("toy", "smoke", finals))
+    assert "ZO MeZO, ZO HiZOO on Task A (tested at step 2; final weights: 55.0, 80.0)." in note
+    assert "Re-run" not in note
 
     parted = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.7, 0.5, 0.4], 0.7)])
     assert report.same_weights_note(parted) is None  # they differ before the tested step
@@ -309,3 +315,17 @@ def test_loss_rise_is_the_last_logged_loss_over_the_first():
     assert loss_rise([{"step": 5, "loss": 0.5}, {"step": 10, "loss": float("nan")}, {"step": 15, "loss": 2.0}]) == 4.0
     assert loss_rise([{"step": 5, "loss": 0.5}]) is None  # one point: nothing to compare
     assert loss_rise(None) is None and loss_rise([{"step": 1, "loss": 0.0}, {"step": 2, "loss": 1.0}]) is None
+
+
+def test_a_run_made_again_under_other_bookkeeping_counts_once_its_later_row(toy):
+    """A seed re-run with run.test_final=true (a new sweep job, the same configuration) is one run, not a
+    second seed: the cell's n stays 1, no std of zero appears, and the later row (with test_final) is shown."""
+    first = row(seed=0, test=0.6)
+    again = row(seed=0, test=0.6, **{"test_final/acc": 0.4})
+    again["cell"] = {**again["cell"], "job": "mezo-sst2-0-again"}
+    again["run"] = {**again["run"], "test_final": True}
+    a = cell(build("toy", "smoke", [first, again, row(seed=1, test=0.8)]), "mezo", "a")
+    assert a.n == 2 and a.mean == pytest.approx(70.0) and [r.get("test_final/acc") for r in a.selection.rows] == [0.4, None]
+    # rows of one configuration on different tasks (a figure over tasks selects them together) all stay
+    both = cells.select_best([row(task="sst2"), row(task="taskb")])
+    assert [r["task"] for r in both.rows] == ["sst2", "taskb"]

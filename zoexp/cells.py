@@ -103,6 +103,9 @@ def quantity(row: dict, name: str) -> Any:
     if name == "dev":
         value = row.get(f"dev/{metric_of(row)}")
         return None if value is None else 100.0 * value
+    if name == "test_final":  # the weights after the last step (run.test_final)
+        value = row.get(f"test_final/{metric_of(row)}")
+        return None if value is None else 100.0 * value
     if name == "memory":
         value, _ = memory_bytes(row)
         return None if value is None else value / 2**30
@@ -165,6 +168,12 @@ class Selection:
         return describe_config(self.rows[0]) if self.rows else ""
 
 
+def _run_identity(row: dict) -> tuple:
+    """What tells a configuration's runs apart (its config_key aside): the seed, and the cell it was run for."""
+    return (row.get("seed"), row.get("method"), row.get("task"), row.get("model"), get_path(row, "cell.model_role"),
+            get_path(row, "cell.variant"))
+
+
 def select_best(rows: list[dict]) -> Selection:
     """Among the configurations of ``rows``, the one with the best mean dev metric (ties: first seen)."""
     failed = [r for r in rows if r.get("status") != "ok"]
@@ -176,6 +185,9 @@ def select_best(rows: list[dict]) -> Selection:
             groups.setdefault(key, []).append(row)
         else:
             bad.add(key)
+    # one row per run: a run made again under other bookkeeping (e.g. run.test_final=true, a new job of the
+    # sweep) is the same computation, and its later row stands for it
+    groups = {k: list({_run_identity(r): r for r in g}.values()) for k, g in groups.items()}
     candidates = {k: g for k, g in groups.items() if k not in bad}
     if not candidates:
         return Selection([], 0, None, failed)

@@ -631,19 +631,26 @@ def same_weights_note(table: Table) -> str | None:
             continue
         runs = tuple(sorted(str(row.get("run_dir") or get_path(row, "cell.job")) for row in sel.rows))
         key = (p, c, tuple(sorted(states, key=repr)))
-        groups.setdefault(key, []).append((_label(panels[p]["rows"], r), runs))
-    parts = []
+        groups.setdefault(key, []).append((_label(panels[p]["rows"], r), runs, sel.rows))
+    parts, untested = [], False
     for (p, c, states), members in groups.items():
-        if len({runs for _, runs in members}) < 2:  # the same runs shown twice on purpose
+        if len({runs for _, runs, _ in members}) < 2:  # the same runs shown twice on purpose
             continue
-        parts.append(f"{', '.join(label for label, _ in members)} on {_label(panels[p]['columns'], c)} "
-                     f"(tested at step {states[0][3]})")  # the tested step is part of the state
+        part = (f"{', '.join(label for label, _, _ in members)} on {_label(panels[p]['columns'], c)} "
+                f"(tested at step {states[0][3]}")  # the tested step is part of the state
+        finals = [[quantity(row, "test_final") for row in rows] for _, _, rows in members]
+        if all(v is not None for values in finals for v in values):  # run.test_final: the last step's weights
+            part += "; final weights: " + ", ".join(f"{statistics.fmean(values):.1f}" for values in finals)
+        else:
+            untested = True
+        parts.append(part + ")")
     if not parts:
         return None
     return ("same tested weights: these cells' runs logged identical training losses and dev metrics up to "
             "the step whose weights were tested and print the same test number, so they do not compare "
             "their labels (the runs part only after that step, e.g. an interval longer than the run or a best "
-            "dev step before the variants differ): " + "; ".join(parts) + ".")
+            "dev step before the variants differ): " + "; ".join(parts) + "."
+            + (" Re-run with `run.test_final=true` to test each run's final weights as well." if untested else ""))
 
 
 def loss_rose_note(table: Table) -> str | None:
