@@ -72,3 +72,23 @@ def test_focus_scores_do_not_depend_on_the_noise_workers_order():
             assert fingerprint("tiny-llama", "focus-gsd-probe", offload=False) == first
     finally:
         torch.set_num_threads(threads)
+
+
+def test_tensor_bytes_counts_each_storage_once_for_real_and_fake_tensors():
+    """Two tensors of one size are two storages, a view is none more; fake tensors (zoexp.memory's
+    prediction) have no data pointer to tell them apart, so their storages are known otherwise."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zoexp.methods.base import tensor_bytes
+
+    def state():
+        a = torch.zeros(4)
+        return {"exp_avg": a, "exp_avg_sq": torch.zeros(4), "view": [a.view(2, 2)], "step": (torch.zeros(2),)}
+
+    assert tensor_bytes(state()) == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch deprecates a fake tensor's data pointer
+        with FakeTensorMode():
+            assert tensor_bytes(state()) == 40

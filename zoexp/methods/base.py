@@ -19,16 +19,19 @@ from zoexp.methods.noise import NoiseSource, mix
 
 
 def tensor_bytes(obj) -> int:
-    """Bytes of every tensor reachable in nested dicts/lists/tuples (each storage counted once)."""
-    seen: set[tuple[int, int]] = set()
+    """Bytes of every tensor reachable in nested dicts/lists/tuples (each storage counted once).
+
+    A storage is known by its StorageImpl (``_cdata``, as torch's own ``StorageWeakRef``), not its data
+    pointer: fake tensors (zoexp.memory's prediction) have no data, and every one's pointer is 0."""
+    seen: set[int] = set()
 
     def walk(o) -> int:
         if isinstance(o, torch.Tensor):
-            key = (o.untyped_storage().data_ptr(), o.untyped_storage().nbytes())
-            if key in seen:
+            storage = o.untyped_storage()
+            if storage._cdata in seen:
                 return 0
-            seen.add(key)
-            return o.untyped_storage().nbytes()
+            seen.add(storage._cdata)
+            return storage.nbytes()
         if isinstance(o, dict):
             return sum(walk(v) for v in o.values())
         if isinstance(o, list | tuple):
