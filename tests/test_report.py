@@ -270,7 +270,7 @@ def test_cells_whose_runs_agree_up_to_the_tested_step_are_named(toy):
     dev step before they differ) print the same number: the report says so instead of letting it pass as
     a comparison."""
     def run(method, losses, test, best=2):
-        return row(method, test=test, best_step=best, run={"steps": 4, "batch_size": 4, "seed": 0, "keep_best": "memory"},
+        return row(method, test=test, best_step=best, steps=4, run={"steps": 4, "batch_size": 4, "seed": 0, "keep_best": "memory"},
                    curve=[{"step": s, "loss": x} for s, x in zip((1, 2, 3, 4), losses)],
                    dev_curve=[{"step": 2, "acc": 0.6}, {"step": 4, "acc": 0.5}])
 
@@ -290,6 +290,10 @@ def test_cells_whose_runs_agree_up_to_the_tested_step_are_named(toy):
     at_end = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7, best=4),
                                     run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.7, best=4)])
     assert report.same_weights_note(at_end) is None  # tested at the end: the equal numbers are a coincidence
+    same_end = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7, best=4),
+                                      run("hizoo", [0.9, 0.8, 0.7, 0.6], 0.7, best=4)])
+    note = report.same_weights_note(same_end)  # one computation to the end: nothing to re-run for
+    assert "(tested at step 4)." in note and "Re-run" not in note
     other_test = build("toy", "smoke", [run("mezo", [0.9, 0.8, 0.7, 0.6], 0.7), run("hizoo", [0.9, 0.8, 0.5, 0.4], 0.6)])
     assert report.same_weights_note(other_test) is None
 

@@ -641,8 +641,8 @@ def same_weights_note(table: Table) -> str | None:
         finals = [[quantity(row, "test_final") for row in rows] for _, _, rows in members]
         if all(v is not None for values in finals for v in values):  # run.test_final: the last step's weights
             part += "; final weights: " + ", ".join(f"{statistics.fmean(values):.1f}" for values in finals)
-        else:
-            untested = True
+        elif any(states[0][3] < (row.get("steps") or 0) for _, _, rows in members for row in rows):
+            untested = True  # tested before the last step: the final weights may tell the cells apart
         parts.append(part + ")")
     if not parts:
         return None
