@@ -355,9 +355,7 @@ def so_far_grid(table: Table) -> tuple[str, Grid] | None:
         for col in panel["columns"]:
             if col.get("aggregate") != "mean":
                 continue
-            q = col.get("quantity") or panel.get("quantity", "test")
-            parts = [c for c in panel["columns"] if not (c.get("aggregate") or c.get("relative") or c.get("paper_only"))
-                     and (c.get("quantity") or panel.get("quantity", "test")) == q]
+            parts = mean_parts(panel, col)
             measured = [c for c in parts if all(table.cells[(p, r, c["key"])].mean is not None
                                                 and table.cells[(p, r, c["key"])].paper_value is not None
                                                 for r in base.rows[p])]
@@ -414,17 +412,23 @@ def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str
     cell.n = len(values)
 
 
+def mean_parts(panel: dict, col: dict) -> list[dict]:
+    """The columns a mean column (``aggregate: mean``) averages: the panel's data columns of its quantity."""
+    def q(c: dict) -> str:
+        return c.get("quantity") or panel.get("quantity", "test")
+
+    return [c for c in panel["columns"]
+            if not (c.get("aggregate") or c.get("relative") or c.get("paper_only")) and q(c) == q(col)]
+
+
 def _fill_derived(panel: dict, p: int, cells: dict[tuple[int, str, str], Cell]) -> None:
-    data_cols = [c for c in panel["columns"] if not (c.get("aggregate") or c.get("relative") or c.get("paper_only"))]
     for lrow in panel["rows"]:
         if lrow.get("paper_only"):
             continue
         for col in panel["columns"]:
             cell = cells[(p, lrow["key"], col["key"])]
             if col.get("aggregate") == "mean":  # over the row's columns of the same quantity
-                q = col.get("quantity") or panel.get("quantity", "test")
-                parts = [cells[(p, lrow["key"], c["key"])] for c in data_cols
-                         if (c.get("quantity") or panel.get("quantity", "test")) == q]
+                parts = [cells[(p, lrow["key"], c["key"])] for c in mean_parts(panel, col)]
                 if parts and all(x.mean is not None for x in parts):
                     cell.mean = statistics.fmean(x.mean for x in parts)
                     cell.n = min(x.n for x in parts)
