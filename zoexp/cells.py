@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoexp.provenance import current_hparams
+
 # Run settings that do not define a configuration: where a run writes, how it shows progress, what it keeps
 # or also tests; the rest of `run` is part of the configuration (the report's cells, zoexp-report runs).
 RUN_BOOKKEEPING = frozenset({
@@ -64,16 +66,21 @@ def metric_of(row: dict) -> str:
     return "acc" if "test/acc" in row else "f1"
 
 
+def row_hparams(row: dict) -> dict | None:
+    """The row's method hyperparameters as the current config names them (``current_hparams``)."""
+    return current_hparams(row.get("method"), row.get("hparams"))
+
+
 def config_key(row: dict) -> str:
     """Everything that defines a configuration except the seed."""
     run = {k: v for k, v in (row.get("run") or {}).items() if k not in RUN_BOOKKEEPING}
-    return json.dumps({"hparams": row.get("hparams"), "run": run, "dtype": row.get("dtype"),
+    return json.dumps({"hparams": row_hparams(row), "run": run, "dtype": row.get("dtype"),
                        "model": row.get("model"), "task_protocol": row.get("task_protocol")},
                       sort_keys=True, default=str)
 
 
 def describe_config(row: dict) -> str:
-    parts = [f"{k}={v}" for k, v in sorted((row.get("hparams") or {}).items()) if v is not None]
+    parts = [f"{k}={v}" for k, v in sorted((row_hparams(row) or {}).items()) if v is not None]
     run = row.get("run") or {}
     parts.append(f"bs={run.get('batch_size')}")
     parts.append(f"steps={row.get('steps', run.get('steps'))}")

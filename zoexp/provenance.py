@@ -162,6 +162,32 @@ def _canonical_versions() -> dict[tuple[str, str], str]:
     return {key: find(key)[1] for key in parent}
 
 
+@functools.cache
+def _hparam_changes() -> dict[str, tuple[dict, frozenset]]:
+    """{method: (hyperparameters a later commit added, with the value earlier rows ran with; hyperparameters
+    it removed)} from the ``hparams`` of ``code_versions.yaml``'s entries."""
+    import yaml
+
+    text = EQUIVALENCES_FILE.read_text(encoding="utf-8") if EQUIVALENCES_FILE.is_file() else ""
+    changes: dict[str, tuple[dict, frozenset]] = {}
+    for entry in yaml.safe_load(text) or []:
+        for method, change in (entry.get("hparams") or {}).items():
+            added, removed = changes.get(str(method), ({}, frozenset()))
+            changes[str(method)] = ({**added, **(change.get("added") or {})},
+                                    removed | frozenset(change.get("removed") or ()))
+    return changes
+
+
+def current_hparams(method, hparams: dict | None) -> dict | None:
+    """A row's ``hparams`` as the current config spells them: a key a later commit removed is dropped, a
+    key it added gets the value the earlier rows ran with (``code_versions.yaml``), so one configuration
+    run before and after such a commit stays one configuration."""
+    if hparams is None or method is None or str(method) not in _hparam_changes():
+        return hparams
+    added, removed = _hparam_changes()[str(method)]
+    return {**added, **{k: v for k, v in hparams.items() if k not in removed}}
+
+
 def canonical_code_version(method, version):
     """The version ``version`` of ``method``'s code counts as (itself unless ``code_versions.yaml`` lists it
     as computing the same bits as an earlier version)."""
