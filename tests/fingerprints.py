@@ -53,6 +53,8 @@ CONFIGS = {
                                     lowrank_embed=False, fo_lr=1e-3, seed=3),
     "loho": lambda g: LoHO(g, lr=1e-3, eps=1e-2, fo_layers=1, fo_lr=1e-3, seed=3),
     "loho-wd": lambda g: LoHO(g, lr=1e-3, eps=1e-2, weight_decay=0.1, fo_layers=1, fo_lr=1e-3, seed=3),
+    "loho-intra-wd": lambda g: LoHO(g, lr=1e-3, eps=1e-2, weight_decay=0.1, fo_layers=1, fo_lr=1e-3,
+                                    hybrid="intra", zo_ratio=0.5, seed=3),
     "hzo-dense-embed-wd": lambda g: HZO(g, lr=1e-3, eps=1e-3, rank=2, interval=2, fo_layers=0, weight_decay=0.1,
                                         lowrank_embed=False, seed=3),
 }

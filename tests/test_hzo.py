@@ -379,3 +379,110 @@ def test_fp16_adam_gets_a_representable_eps(tiny_opt):
     assert given.fo_optimizer.defaults["eps"] == 1e-3
     fp32 = HZO(param_groups(copy.deepcopy(tiny_opt[0])), fo_layers=1, fo_optimizer="adam")
     assert fp32.fo_optimizer.defaults["eps"] == 1e-8
+
+
+# ----------------------------------------------------------------------------- LoHO's intra-layer mode
+
+
+def _intra_mask(opt: LoHO, key: int, p: torch.Tensor) -> torch.Tensor:
+    """The ZO mask of a matrix from its public definition: uniform draws from the (seed, "M", key) stream."""
+    from zoexp.methods.loho import MASK_TAG
+    from zoexp.methods.noise import mix
+
+    g = torch.Generator().manual_seed(mix(opt.seed, MASK_TAG, key) & ((1 << 63) - 1))
+    return torch.rand(p.shape, generator=g) < opt.zo_ratio
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_loho_intra_step_matches_a_line_by_line_reference(wd):
+    m, ref = Stack().double(), Stack().double()  # float64: the finite difference does not amplify rounding
+    m.x, m.y, ref.x, ref.y = m.x.double(), m.y.double(), ref.x.double(), ref.y.double()
+    opt = LoHO(m.groups(), lr=1e-2, eps=1e-3, weight_decay=wd, fo_layers=2, fo_optimizer="sgd", fo_lr=0.1,
+               hybrid="intra", zo_ratio=0.5, seed=5)
+    # reference (LoHO's text): in blocks 2, 3 each matrix is split by M; M = 1 entries and all else MeZO
+    params = dict(ref.named_parameters())
+    keyed = {name: key for (name, _), (key, _) in zip(m.named_parameters(), opt.keyed_params())}
+    fo_mats = {"blocks.2.weight", "blocks.3.weight"}
+    masks = {n: _intra_mask(opt, keyed[n], params[n]) for n in fo_mats}
+    assert {n for n, p in m.named_parameters() if any(p is f for f in opt.fo_params())} == fo_mats
+    for mask in masks.values():
+        assert 0.3 < mask.float().mean().item() < 0.7
+    with torch.no_grad():
+        theta = {n: p.clone() for n, p in params.items()}
+        d = {}
+        for n, p in params.items():
+            z = reference_noise(p.shape, keyed[n], opt.step_seed(0), dtype=p.dtype)
+            d[n] = z * masks[n] if n in masks else z
+        for n, p in params.items():
+            p.copy_(theta[n] + 1e-3 * d[n])
+        lp = ref().float().item()  # the optimizer reads losses as float32 (zoexp.methods.base.loss_value)
+        for n, p in params.items():
+            p.copy_(theta[n] - 1e-3 * d[n])
+        lm = ref().float().item()
+        g = (lp - lm) / 2e-3
+        for n, p in params.items():
+            decay = wd if p.ndim >= 2 else 0.0
+            if n in masks:
+                p.copy_(torch.where(masks[n], theta[n] - 1e-2 * (g * d[n] + decay * theta[n]), theta[n]))
+            else:
+                p.copy_(theta[n] - 1e-2 * (g * d[n] + decay * theta[n]))
+    grads = torch.autograd.grad(ref(), [params[n] for n in sorted(fo_mats)])
+    with torch.no_grad():
+        for n, grad in zip(sorted(fo_mats), grads):
+            params[n].sub_(0.1 * grad * ~masks[n])
+    opt.step(m)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p, params[n], rtol=0, atol=1e-12), (n, (p - params[n]).abs().max().item())
+    assert opt.metrics()["fo_step"] == 1 and opt.forward_passes_per_step == 3
+
+
+def test_loho_intra_keeps_the_two_sets_of_entries_apart():
+    base = Stack()
+    zo_only, fo_only = copy.deepcopy(base), copy.deepcopy(base)
+    kw = dict(eps=1e-3, fo_layers=1, fo_optimizer="adam", hybrid="intra", zo_ratio=0.3, seed=2)
+    a = LoHO(zo_only.groups(), lr=1e-2, fo_lr=0.0, **kw)
+    b = LoHO(fo_only.groups(), lr=0.0, fo_lr=1e-2, **kw)
+    for _ in range(3):
+        a.step(zo_only)
+        b.step(fo_only)
+    w0, wa, wb = base.blocks[3].weight, zo_only.blocks[3].weight, fo_only.blocks[3].weight
+    mask = _intra_mask(a, a.key(wa), wa)
+    assert torch.equal(wa[~mask], w0[~mask]) and not torch.equal(wa[mask], w0[mask])  # ZO: M = 1 only
+    # FO: M = 0 only (with lr 0 the ZO entries come back from their perturbation within rounding)
+    assert (wb - w0)[mask].abs().max() < 1e-6 and (wb - w0)[~mask].abs().min() > 1e-3
+    moments = b.fo_optimizer.state[wb]
+    assert not moments["exp_avg"][mask].any() and not moments["exp_avg_sq"][mask].any()
+    assert torch.allclose(fo_only.blocks[2].weight, base.blocks[2].weight, atol=1e-6)  # lr 0: the ZO blocks stay
+    # the masks are the seed's: a second optimizer draws the same; state bytes count them
+    assert torch.equal(LoHO(copy.deepcopy(base).groups(), **kw)._masks[a.key(wa)], mask)
+    assert b.state_bytes() == 2 * wb.numel() * 4 + 4 + wb.numel()  # Adam moments + step + one mask byte/entry
+
+
+def test_loho_intra_restores_exactly_when_it_does_not_learn():
+    m = Stack()
+    before = flat(*m.parameters()).clone()
+    opt = LoHO(m.groups(), lr=0.0, eps=0.5, fo_layers=2, fo_lr=0.0, fo_optimizer="sgd", hybrid="intra", seed=1)
+    for _ in range(3):
+        opt.step(m)
+    assert torch.allclose(flat(*m.parameters()), before, atol=1e-6)
+
+
+def test_loho_intra_refusals_and_its_checkpoint():
+    with pytest.raises(ValueError, match="hybrid"):
+        LoHO(Stack().groups(), hybrid="both")
+    with pytest.raises(ValueError, match="zo_ratio"):
+        LoHO(Stack().groups(), hybrid="intra", zo_ratio=1.5)
+    with pytest.raises(ValueError, match="fo_weight_decay=0"):
+        LoHO(Stack().groups(), hybrid="intra", fo_weight_decay=0.1)
+    assert LoHO(Stack().groups(), hybrid="inter").supports_offload()
+    assert not LoHO(Stack().groups(), hybrid="intra").supports_offload()
+    m1 = Stack()
+    a = LoHO(m1.groups(), lr=1e-2, fo_lr=1e-2, fo_layers=1, hybrid="intra", seed=3)
+    for _ in range(2):
+        a.step(m1)
+    m2 = copy.deepcopy(m1)
+    b = LoHO(m2.groups(), lr=1e-2, fo_lr=1e-2, fo_layers=1, hybrid="intra", seed=3)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for _ in range(2):
+        assert a.step(m1).item() == b.step(m2).item()
+    assert torch.equal(flat(*m1.parameters()), flat(*m2.parameters()))

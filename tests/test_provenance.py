@@ -113,3 +113,21 @@ def test_the_cli_refuses_mixed_code_or_keeps_the_newest(toy, tmp_path, capsys): 
     assert "method mezo: bbbbbbbbbbbb" in capsys.readouterr().err
     assert report.main([*args, "--newest-code"]) == 0
     assert (tmp_path / "out" / "tables" / "smoke" / "toy.md").is_file()
+
+
+def test_a_hyperparameter_renamed_later_keeps_one_configuration():
+    """code_versions.yaml's ``hparams``: LoHO's rows made before ``hybrid`` existed recorded ``implements``;
+    read as the current config names them, they are the same configuration as rows made after."""
+    from zoexp import provenance
+    from zoexp.cells import config_key, describe_config
+
+    provenance._hparam_changes.cache_clear()
+    common = {"lr": 1e-6, "eps": 1e-2, "fo_layers": 1, "fo_lr": 1e-4}
+    before = {"method": "loho", "seed": 0, "run": {"steps": 150}, "model": "m", "hparams": {
+        **common, "implements": "inter-layer only: MeZO z on ZO layers + FO (Adam) on the deepest layers every step"}}
+    after = {**before, "seed": 1, "hparams": {**common, "hybrid": "inter", "zo_ratio": 0.5}}
+    intra = {**before, "hparams": {**common, "hybrid": "intra", "zo_ratio": 0.5}}
+    assert config_key(before) == config_key(after) != config_key(intra)
+    assert describe_config(before) == describe_config(after) and "implements" not in describe_config(before)
+    other = {**before, "method": "mezo"}  # another method's hyperparameters are read as written
+    assert provenance.current_hparams("mezo", other["hparams"]) == other["hparams"]

@@ -123,7 +123,7 @@ class HZO(ZOMethod):
     @property
     def forward_passes_per_step(self) -> float:
         """Two ZO forwards every step plus one FO forward (and its backward) every ``fo_every`` steps."""
-        return 2 + (1 / self.fo_every if self._fo_ids else 0)
+        return 2 + (1 / self.fo_every if self.fo_optimizer is not None else 0)
 
     def zo_group_ids(self) -> list[int]:
         return list(self._zo_ids)
@@ -232,7 +232,7 @@ class HZO(ZOMethod):
 
         loss_plus, loss_minus, grad, ok = self.spsa_step(closure, perturb, restore_and_update)
         fo_loss = None
-        if ok and self._fo_ids and t % self.fo_every == 0:
+        if ok and self.fo_optimizer is not None and t % self.fo_every == 0:
             fo_loss = self._fo_step(closure)
         self._last = {"proj_grad": grad, "loss_plus": loss_plus, "loss_minus": loss_minus,
                       "resampled": int(t % self.interval == 0), "fo_step": int(fo_loss is not None),
@@ -242,14 +242,18 @@ class HZO(ZOMethod):
         self.steps_done += 1
         return torch.tensor((loss_plus + loss_minus) / 2)
 
+    def _sync_fo_lr(self) -> None:
+        """The FO optimizer's rates follow the FO groups' ``lr``, so lr schedules apply to them too."""
+        for fo_group, gi in zip(self.fo_optimizer.param_groups, self._fo_ids):
+            fo_group["lr"] = self.param_groups[gi]["lr"]
+
     def _fo_step(self, closure) -> float:
         """One first-order step on the FO groups: grad enabled for FO parameters only, during this step."""
         if self.offloader is not None:
             # the FO forward must see step t's deferred ZO update: device groups now, offloaded
             # layers by the offloader's hooks when each becomes resident during this forward
             self.apply_pending([gi for gi in self._zo_ids if self.offloader.group_layer.get(gi) is None])
-        for fo_group, gi in zip(self.fo_optimizer.param_groups, self._fo_ids):  # lr schedules apply
-            fo_group["lr"] = self.param_groups[gi]["lr"]
+        self._sync_fo_lr()
         fo = {id(p) for p in self.fo_params()}
         flags = [(p, p.requires_grad) for g in self.param_groups for p in g["params"]]
         try:
