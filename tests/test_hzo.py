@@ -474,6 +474,8 @@ def test_loho_intra_refusals_and_its_checkpoint():
         LoHO(Stack().groups(), hybrid="intra", zo_ratio=1.5)
     with pytest.raises(ValueError, match="fo_weight_decay=0"):
         LoHO(Stack().groups(), hybrid="intra", fo_weight_decay=0.1)
+    with pytest.raises(ValueError, match="fo_extra"):
+        LoHO(Stack().groups(), hybrid="intra", fo_extra=["norm"])
     assert LoHO(Stack().groups(), hybrid="inter").supports_offload()
     assert not LoHO(Stack().groups(), hybrid="intra").supports_offload()
     m1 = Stack()

@@ -36,10 +36,10 @@ class LoHO(HZO):
       fixed random mask M (drawn once from the seed): a fraction ``zo_ratio`` of its entries (M = 1) is
       ZO, the rest FO. ZO perturbs and updates with z ⊙ M; the FO gradient is taken on (1 − M) only
       (masked before the optimizer step, so Adam's moments stay zero on the ZO entries). The blocks'
-      vectors (norms, biases) and everything outside them are ZO. ``fo_extra`` is not used.
+      vectors (norms, biases) and everything outside them are ZO; ``fo_extra`` is refused.
 
-    The HZO paper does not say which mode its LoHO rows ran; ``inter`` is the default, as HZO's text
-    contrasts LoHO's memory with its own inter-layer split. LoHO's released code keeps its FO entries as
+    The HZO paper does not say which mode (nor how many FO layers) its LoHO rows ran; ``inter`` is the
+    default: it is the split HZO's own hybrid shares, and what the earlier LoHO rows ran. LoHO's released code keeps its FO entries as
     a sparse delta with sparse kernels (spops), so its Adam state is (1 − zo_ratio) of the matrices';
     here the FO matrices are dense tensors with dense Adam state, which costs more memory, not other
     numbers. In that code, the ZO mask lookup misses (the masked modules are renamed), so its ZO part also
@@ -66,11 +66,14 @@ class LoHO(HZO):
         self._masks: dict[int, torch.Tensor] = {}  # key -> bool ZO mask (intra): True = ZO entry
         self._mask_fo: list[tuple[torch.Tensor, torch.Tensor]] = []  # (FO matrix, its ZO mask)
         if not inter:
-            self._build_intra(fo_layers, partition, fo_optimizer, fo_lr, fo_weight_decay, fo_kwargs)
+            self._build_intra(fo_layers, partition, fo_extra, fo_optimizer, fo_lr, fo_weight_decay, fo_kwargs)
 
     # ------------------------------------------------------------------ intra-layer set-up
 
-    def _build_intra(self, fo_layers, partition, fo_optimizer, fo_lr, fo_weight_decay, fo_kwargs) -> None:
+    def _build_intra(self, fo_layers, partition, fo_extra, fo_optimizer, fo_lr, fo_weight_decay, fo_kwargs) -> None:
+        if fo_extra:
+            raise ValueError("LoHO fo_extra (whole roles trained FO) is for hybrid=inter; with hybrid=intra only "
+                             "the FO blocks' matrices are split")
         if fo_weight_decay:
             raise ValueError("LoHO hybrid=intra needs fo_weight_decay=0: the FO optimizer's decay would also move "
                              "the ZO entries of the shared matrices")
