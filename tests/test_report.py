@@ -333,3 +333,11 @@ def test_a_run_made_again_under_other_bookkeeping_counts_once_its_later_row(toy)
     # rows of one configuration on different tasks (a figure over tasks selects them together) all stay
     both = cells.select_best([row(task="sst2"), row(task="taskb")])
     assert [r["task"] for r in both.rows] == ["sst2", "taskb"]
+    # the table's wall-clock counts both rows, and says how much of it the later row repeats
+    for r, seconds in ((first, 600.0), (again, 900.0)):
+        r["time/total_s"] = seconds
+    table = build("toy", "smoke", [first, again, {**row(seed=1, test=0.8), "time/total_s": 60.0}])
+    assert table.rerun_s == 600.0
+    assert "took 26 min in all" in report.compute_text(table) and "10 min of it is rows that a later row repeats" \
+        in report.compute_text(table)
+    assert "repeats" not in report.compute_text(build("toy", "smoke", [first, row(seed=1, test=0.8)]))

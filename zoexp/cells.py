@@ -175,6 +175,12 @@ class Selection:
         return describe_config(self.rows[0]) if self.rows else ""
 
 
+def run_key(row: dict) -> tuple:
+    """One run: its configuration, its seed and the cell it was run for. A row with the key of an earlier
+    row is the same computation made again (a re-run under other bookkeeping, e.g. run.test_final=true)."""
+    return (config_key(row), *_run_identity(row))
+
+
 def _run_identity(row: dict) -> tuple:
     """What tells a configuration's runs apart (its config_key aside): the seed, and the cell it was run for."""
     return (row.get("seed"), row.get("method"), row.get("task"), row.get("model"), get_path(row, "cell.model_role"),

@@ -51,6 +51,7 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
     memory_bytes,
     metric_of,
     quantity,
+    run_key,
     select_best,
     table_names,
     timing_conditions,
@@ -247,6 +248,7 @@ class Table:
     models: dict = field(default_factory=dict)  # model role -> the profile's model
     claims: list[ClaimResult] = field(default_factory=list)  # the paper's claims, checked (zoexp.claims)
     compute_s: dict[str, float] = field(default_factory=dict)  # task -> the rows' summed time/total_s
+    rerun_s: float = 0.0  # of that, ok rows whose run a later ok row made again (cells count the later one)
 
     def missing(self) -> list[Cell]:
         """Cells without a value that a complete run of the profile must fill."""
@@ -300,8 +302,13 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
                     _fill(cell, select, rows, models, profile, sources)
         _fill_derived(panel, p, cells)
     table = Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
+    runs: dict[tuple, float] = {}
     for r in rows:
         table.compute_s[str(r.get("task"))] = table.compute_s.get(str(r.get("task")), 0.0) + (r.get("time/total_s") or 0.0)
+        if r.get("status") == "ok":
+            key = run_key(r)
+            table.rerun_s += runs.get(key, 0.0)
+            runs[key] = r.get("time/total_s") or 0.0
     try:
         table.claims = check_claims(table_claims(name), claims_grid(table), so_far_grid(table))
     except ClaimError as exc:  # a malformed claim in conf/experiment/<name>.yaml: say where
@@ -742,7 +749,9 @@ def compute_text(table: Table) -> str:
         return ""
     per_task = (" (" + ", ".join(f"{task} {duration(s)}" for task, s in table.compute_s.items()) + ")"
                 if len(table.compute_s) > 1 else "")
-    return f", whose runs took {duration(total)} in all{per_task}"
+    again = (f"; {duration(table.rerun_s)} of it is rows that a later row repeats (a cell counts each run once)"
+             if table.rerun_s else "")
+    return f", whose runs took {duration(total)} in all{per_task}{again}"
 
 
 def to_markdown(table: Table) -> str:
