@@ -138,13 +138,18 @@ def code_version_of(cls: type) -> str:
 EQUIVALENCES_FILE = _PKG / "code_versions.yaml"
 
 
+def _entries() -> list[dict]:
+    """The entries of ``code_versions.yaml`` (none when the file is absent)."""
+    import yaml
+
+    text = EQUIVALENCES_FILE.read_text(encoding="utf-8") if EQUIVALENCES_FILE.is_file() else ""
+    return yaml.safe_load(text) or []
+
+
 @functools.cache
 def _canonical_versions() -> dict[tuple[str, str], str]:
     """{(method, version): the first-listed version of its equivalence class} from ``code_versions.yaml``
     (a class is the union of every entry listing the version)."""
-    import yaml
-
-    text = EQUIVALENCES_FILE.read_text(encoding="utf-8") if EQUIVALENCES_FILE.is_file() else ""
     parent: dict[tuple[str, str], tuple[str, str]] = {}
 
     def find(x):
@@ -152,7 +157,7 @@ def _canonical_versions() -> dict[tuple[str, str], str]:
             x = parent[x]
         return x
 
-    for entry in yaml.safe_load(text) or []:
+    for entry in _entries():
         for method, versions in (entry.get("versions") or {}).items():
             first = find((str(method), str(versions[0])))
             for v in versions[1:]:
@@ -166,11 +171,8 @@ def _canonical_versions() -> dict[tuple[str, str], str]:
 def _hparam_changes() -> dict[str, tuple[dict, frozenset]]:
     """{method: (hyperparameters a later commit added, with the value earlier rows ran with; hyperparameters
     it removed)} from the ``hparams`` of ``code_versions.yaml``'s entries."""
-    import yaml
-
-    text = EQUIVALENCES_FILE.read_text(encoding="utf-8") if EQUIVALENCES_FILE.is_file() else ""
     changes: dict[str, tuple[dict, frozenset]] = {}
-    for entry in yaml.safe_load(text) or []:
+    for entry in _entries():
         for method, change in (entry.get("hparams") or {}).items():
             added, removed = changes.get(str(method), ({}, frozenset()))
             changes[str(method)] = ({**added, **(change.get("added") or {})},

@@ -104,19 +104,24 @@ class HZO(ZOMethod):
             raise ValueError("every group is first-order; HZO needs at least one ZO group")
         self.fo_optimizer = None
         if self._fo_ids:
-            if fo_optimizer not in FO_OPTIMIZERS:
-                raise ValueError(f"fo_optimizer must be one of {sorted(FO_OPTIMIZERS)}, not {fo_optimizer!r}")
             for gi in self._fo_ids:  # FO groups carry the FO rate, so lr schedulers scale it too
                 self.param_groups[gi].update(lr=fo_lr, weight_decay=fo_weight_decay, fo=True)
-            fo_kwargs = dict(fo_kwargs or {})
-            if fo_optimizer in ("adam", "adamw"):  # 1e-8, or 1e-4 for fp16 weights (zoexp.methods.base.adam_eps)
-                fo_kwargs["eps"] = adam_eps(fo_kwargs.get("eps"), self.fo_params())
-            self.fo_kwargs = fo_kwargs
-            self.fo_optimizer = FO_OPTIMIZERS[fo_optimizer](
+            self._build_fo_optimizer(
                 [{"params": self.param_groups[gi]["params"], "lr": fo_lr, "weight_decay": fo_weight_decay}
-                 for gi in self._fo_ids], **fo_kwargs)
+                 for gi in self._fo_ids], fo_optimizer, fo_kwargs)
         self.fo_steps = 0
         self._split_cache: dict[int, tuple[list, list]] = {}
+
+    def _build_fo_optimizer(self, groups: list[dict], fo_optimizer: str, fo_kwargs: dict | None) -> None:
+        """``self.fo_optimizer``: the torch optimizer ``fo_optimizer`` over ``groups`` (Adam on fp16 weights
+        gets a representable eps: ``zoexp.methods.base.adam_eps``)."""
+        if fo_optimizer not in FO_OPTIMIZERS:
+            raise ValueError(f"fo_optimizer must be one of {sorted(FO_OPTIMIZERS)}, not {fo_optimizer!r}")
+        fo_kwargs = dict(fo_kwargs or {})
+        if fo_optimizer in ("adam", "adamw"):  # 1e-8, or 1e-4 for fp16 weights
+            fo_kwargs["eps"] = adam_eps(fo_kwargs.get("eps"), [p for g in groups for p in g["params"]])
+        self.fo_kwargs = fo_kwargs
+        self.fo_optimizer = FO_OPTIMIZERS[fo_optimizer](groups, **fo_kwargs)
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from zoexp.methods.base import adam_eps, decay_factor, tensor_bytes
-from zoexp.methods.hzo import FO_OPTIMIZERS, HZO, partition_groups
+from zoexp.methods.base import decay_factor, tensor_bytes
+from zoexp.methods.hzo import HZO, partition_groups
 from zoexp.methods.noise import mix
 
 HYBRIDS = ("inter", "intra")
@@ -65,6 +65,7 @@ class LoHO(HZO):
                          noise=noise)
         self._masks: dict[int, torch.Tensor] = {}  # key -> bool ZO mask (intra): True = ZO entry
         self._mask_fo: list[tuple[torch.Tensor, torch.Tensor]] = []  # (FO matrix, its ZO mask)
+        self._masked_cache: dict[int, tuple[list, list]] = {}
         if not inter:
             self._build_intra(fo_layers, partition, fo_extra, fo_optimizer, fo_lr, fo_weight_decay, fo_kwargs)
 
@@ -77,8 +78,6 @@ class LoHO(HZO):
         if fo_weight_decay:
             raise ValueError("LoHO hybrid=intra needs fo_weight_decay=0: the FO optimizer's decay would also move "
                              "the ZO entries of the shared matrices")
-        if fo_optimizer not in FO_OPTIMIZERS:
-            raise ValueError(f"fo_optimizer must be one of {sorted(FO_OPTIMIZERS)}, not {fo_optimizer!r}")
         fo_blocks = partition_groups(self.param_groups, fo_layers, partition, fo_extra=[])
         self._intra_ids = [gi for gi, fo in enumerate(fo_blocks) if fo]
         for gi in self._intra_ids:
@@ -90,13 +89,8 @@ class LoHO(HZO):
                     self._mask_fo.append((p, mask))
         if not self._mask_fo:
             return  # fo_layers = 0: MeZO on everything
-        fo = [p for p, _ in self._mask_fo]
-        fo_kwargs = dict(fo_kwargs or {})
-        if fo_optimizer in ("adam", "adamw"):
-            fo_kwargs["eps"] = adam_eps(fo_kwargs.get("eps"), fo)
-        self.fo_kwargs = fo_kwargs
-        self.fo_optimizer = FO_OPTIMIZERS[fo_optimizer]([{"params": fo, "lr": fo_lr, "weight_decay": 0.0}],
-                                                        **fo_kwargs)
+        self._build_fo_optimizer([{"params": [p for p, _ in self._mask_fo], "lr": fo_lr, "weight_decay": 0.0}],
+                                 fo_optimizer, fo_kwargs)
         self._fo_lr = float(fo_lr)
         self.fo_optimizer.register_step_pre_hook(self._mask_fo_grads)
 
@@ -126,9 +120,12 @@ class LoHO(HZO):
     # ------------------------------------------------------------------ masked ZO operations
 
     def _masked(self, gi: int) -> tuple[list, list]:
-        """(masked (key, p) pairs, the other (key, p) pairs) of group ``gi``."""
-        _, dense = self._split(gi)
-        return ([(k, p) for k, p in dense if k in self._masks], [(k, p) for k, p in dense if k not in self._masks])
+        """(masked (key, p) pairs, the other (key, p) pairs) of group ``gi`` (the masks are fixed: cached)."""
+        if gi not in self._masked_cache:
+            _, dense = self._split(gi)
+            self._masked_cache[gi] = ([(k, p) for k, p in dense if k in self._masks],
+                                      [(k, p) for k, p in dense if k not in self._masks])
+        return self._masked_cache[gi]
 
     def perturb_group_(self, group: dict, t: int, scale: float) -> None:
         """θ += scale·ε·z, with z ⊙ M on the FO blocks' matrices (intra)."""
