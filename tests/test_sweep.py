@@ -3,6 +3,7 @@ launches them (`zoexp -m experiment=<table> profile=<p>`): filters, overrides, d
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,18 @@ import sys
 import pytest
 
 from zoexp.results import read_rows
-from zoexp.sweep import PROFILES, SweepError, expand, experiment_names, format_value, job_key, load_sweep
+from zoexp.sweep import (
+    PROFILES,
+    SweepError,
+    done_jobs,
+    expand,
+    experiment_names,
+    format_value,
+    job_id,
+    job_key,
+    job_override,
+    load_sweep,
+)
 
 SPEC = {
     "table": "toy",
@@ -131,9 +143,25 @@ def test_a_table_sweep_writes_tagged_rows_and_a_rerun_resumes(tmp_path, fixture_
     assert all(r["status"] == "ok" and r["experiment"] == "focus_table3" and r["profile"] == "smoke" for r in rows)
     assert all(r["cell"]["model_role"] == "opt-1.3b" and r["model"] == "tiny-opt" for r in rows)
     assert all(r["task_protocol"]["num_dev"] == 8 for r in rows)
+    assert all(isinstance(r["cell"]["job"], str) and len(r["cell"]["job"]) == 16 for r in rows)
     out = zoexp(args, tmp_path, fixture_data_dir)
     assert "3 job(s) already have an ok row" in out and "to launch: 0 job(s)" in out
     assert len(read_rows(tmp_path / "results" / "experiments" / "focus_table3" / "smoke.jsonl")) == 3
+
+
+def test_a_row_whose_job_key_hydra_read_as_a_number_still_counts_as_done(tmp_path):
+    # before the sweeper quoted cell.job, Hydra turned all-digit keys into ints and "<digits>e<digits>"
+    # into floats; those rows finished ok and a re-run must skip them, not run them again
+    path = tmp_path / "rows.jsonl"
+    rows = [{"status": "ok", "cell": {"job": 1805837676310908}},
+            {"status": "ok", "cell": {"job": float("70571716289e0124")}},
+            {"status": "ok", "cell": {"job": "9d82d430c18c0aa1"}},
+            {"status": "failed", "cell": {"job": "0123456789abcdef"}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = done_jobs(path)
+    assert {job_id(k) in done for k in ("1805837676310908", "70571716289e0124", "9d82d430c18c0aa1")} == {True}
+    assert job_id("0123456789abcdef") not in done and job_id("1805837676310909") not in done
+    assert job_override("70571716289e0124") == "cell.job='70571716289e0124'"
 
 
 @pytest.mark.parametrize("name", experiment_names())

@@ -59,6 +59,7 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
 from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
 from zoexp.provenance import canonical_code_version
 from zoexp.results import LOSS_ROSE, loss_rise, read_rows
+from zoexp.sweep import job_id
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def load_rows(name: str, profile: str, path: str | Path | None = None, results_d
         if job is None:
             unkeyed.append(row)
         else:
-            latest[job] = row  # file order = finishing order: later wins
+            latest[job_id(job)] = row  # file order = finishing order: later wins
     return unkeyed + list(latest.values())
 
 

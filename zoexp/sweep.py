@@ -267,8 +267,28 @@ def describe(plan: SweepJobs, name: str, profile: str) -> str:
     return "\n".join(lines)
 
 
-def done_jobs(results_file: str | Path) -> set[str]:
-    """``cell.job`` of the rows that finished ok (a re-run skips those jobs)."""
+def job_id(value: Any) -> Any:
+    """A row's ``cell.job`` as one comparable value. Sweeps before the key was quoted on the command line
+    let Hydra read an all-digit key (``1805837676310908``) as an int and one like ``70571716289e0124`` as a
+    float, so such rows hold a number: a key that reads as a number is compared as that number."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def job_override(key: str) -> str:
+    """The ``cell.job`` override of a job, quoted so that Hydra keeps the key a string."""
+    return f"cell.job='{key}'"
+
+
+def done_jobs(results_file: str | Path) -> set[Any]:
+    """``job_id`` of the rows that finished ok (a re-run skips those jobs: ``job_id(key) in done_jobs(..)``)."""
     from zoexp.results import read_rows
 
-    return {(r.get("cell") or {}).get("job") for r in read_rows(results_file) if r.get("status") == "ok"} - {None}
+    jobs = {(r.get("cell") or {}).get("job") for r in read_rows(results_file) if r.get("status") == "ok"}
+    return {job_id(j) for j in jobs if j is not None}

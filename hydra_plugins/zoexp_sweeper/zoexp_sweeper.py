@@ -68,7 +68,7 @@ class TableSweeper(Sweeper):
 
     def job_overrides(self, arguments: list[str]):
         """The override list of every job to launch, and a printable plan."""
-        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, job_key
+        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, job_id, job_key, job_override
 
         cfg = self.config
         if cfg.get("sweep") is None:
@@ -112,10 +112,10 @@ class TableSweeper(Sweeper):
                 if key in seen:  # a command-line value replaced what told two jobs apart
                     continue
                 seen.add(key)
-                if key in done:
+                if job_id(key) in done:
                     n_done += 1
                     continue
-                out.append([*overrides, f"cell.job={key}"])
+                out.append([*overrides, job_override(key)])
         text = describe(plan, name, profile)
         if filters:
             text += f"\n  command-line filter {filters}: {len(jobs)} of {len(plan.jobs)} jobs kept"
