@@ -341,3 +341,31 @@ def test_a_run_made_again_under_other_bookkeeping_counts_once_its_later_row(toy)
     assert "took 26 min in all" in report.compute_text(table) and "10 min of it is rows that a later row repeats" \
         in report.compute_text(table)
     assert "repeats" not in report.compute_text(build("toy", "smoke", [first, row(seed=1, test=0.8)]))
+
+
+def test_a_cell_whose_task_has_no_offline_data_says_so_and_is_not_owed(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOEXP_DATA_DIR", str(tmp_path / "data"))  # no sst2/ there: the sweep skips such cells
+    t = build("toy", "smoke", [row(task="taskb")])
+    hizoo = cell(t, "hizoo", "a")
+    assert hizoo.missing == f"no data for task sst2 in {tmp_path / 'data'}" and hizoo.expected
+    assert hizoo not in t.missing() and cell(t, "hizoo", "b") in t.missing()  # taskb: no spec here, still owed
+    (tmp_path / "data" / "sst2").mkdir(parents=True)
+    hizoo = cell(build("toy", "smoke", [row(task="taskb")]), "hizoo", "a")
+    assert hizoo.missing == "no run" and not hizoo.expected
+
+
+def test_rendering_all_tables_writes_an_index_with_cells_time_and_claims(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "table_names", lambda: ["toy"])
+    monkeypatch.delenv("ZOEXP_DATA_DIR", raising=False)
+    folder = tmp_path / "results" / "experiments" / "toy"
+    folder.mkdir(parents=True)
+    rows = [row(seed=0, **{"time/total_s": 3000.0}), row(seed=1, test=0.7, **{"time/total_s": 2700.0})]
+    (folder / "smoke.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report.main(["all", "--profile", "smoke", "--results-dir", str(tmp_path / "results"), "--no-figures"]) == 0
+    index = (tmp_path / "results" / "tables" / "smoke" / "README.md").read_text()
+    line = next(x for x in index.splitlines() if x.startswith("| [Toy table](toy.md)"))
+    t = build("toy", "smoke", rows)
+    owed = [c for c in t.cells.values() if c.reason is None and (c.filled or not c.expected)]
+    assert line == f"| [Toy table](toy.md) | 2 | {sum(c.filled for c in owed)} of {len(owed)} | 1 h 35 min | ✗ | — |"
+    assert 0 < sum(c.filled for c in owed) < len(owed)
+    assert "written by `zoexp-report all --profile smoke`" in index.lower()

@@ -30,6 +30,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -56,10 +57,20 @@ from zoexp.cells import (  # noqa: F401 (PAPER_DIR, load_layout, table_names: re
     table_names,
     timing_conditions,
 )
-from zoexp.claims import ClaimError, ClaimResult, Grid, check_claims, render_markdown
+from zoexp.claims import (
+    FAIL,
+    NOT_MEASURABLE,
+    PASS,
+    ClaimError,
+    ClaimResult,
+    Grid,
+    check_claims,
+    render_markdown,
+)
+from zoexp.paths import tasks_dir
 from zoexp.provenance import canonical_code_version
 from zoexp.results import LOSS_ROSE, loss_rise, read_rows
-from zoexp.sweep import job_id
+from zoexp.sweep import has_local_data, job_id
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +412,10 @@ def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str
             cell.text = _failure_text(chosen.failed)
         elif chosen.n_configs > 1:
             cell.missing = f"no dev metric to choose among {chosen.n_configs} configurations"
+        elif (select.get("task") and (tasks_dir() / f"{select['task']}.yaml").is_file()
+              and not has_local_data(select["task"], os.environ.get("ZOEXP_DATA_DIR"))):
+            # the sweep skips such a cell with the same words; a complete run here cannot fill it
+            cell.missing, cell.expected = f"no data for task {select['task']} in {os.environ['ZOEXP_DATA_DIR']}", True
         else:
             cell.missing = "no run"
         return
@@ -857,6 +872,31 @@ def write(table: Table, out_dir: str | Path = "results") -> list[Path]:
     return paths
 
 
+def index_markdown(tables: list[Table], target_s: float = 90 * 60) -> str:
+    """One line per rendered table of a profile: its cells run, what its runs cost, its claims' verdicts.
+    ``zoexp-report all`` writes it as ``results/tables/<profile>/README.md``, so that the state of a
+    reproduction is read from the rows, not counted by hand."""
+    profile = tables[0].profile if tables else ""
+    out = [f"# Tables of the `{profile}` profile", "",
+           f"Written by `zoexp-report all --profile {profile}` on {time.strftime('%Y-%m-%d %H:%M')}, from the rows "
+           "alone. *cells*: cells with a value, of those a complete run of the profile fills (cells without "
+           "offline data or not in this profile are not counted). *runs' time*: the rows' own timers summed "
+           f"(`time/total_s`), re-runs included; the issue's target is ≤ {duration(target_s)} a table on 2 cores. "
+           "*claims*: the paper's claims about the table, checked on our cells (✓ holds, ✗ does not, n.m. not "
+           "measurable here).", "",
+           "| table | rows | cells | runs' time | ≤ target | claims ✓ / ✗ / n.m. |", "|---|---|---|---|---|---|"]
+    for t in tables:
+        needed = [c for c in t.cells.values() if c.reason is None and (c.filled or not c.expected)]
+        total = sum(t.compute_s.values())
+        verdicts = [c.ours.verdict for c in t.claims]
+        claims = " / ".join(str(verdicts.count(v)) for v in (PASS, FAIL, NOT_MEASURABLE)) if verdicts else "—"
+        within = "—" if not total else ("✓" if total <= target_s else "✗")
+        out.append(f"| [{t.layout['title'].split(':')[0]}]({t.name}.md) | {t.n_rows} | "
+                   f"{sum(c.filled for c in needed)} of {len(needed)} | {duration(total) if total else '—'} | "
+                   f"{within} | {claims} |")
+    return "\n".join(out) + "\n"
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -913,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render_tables(predicted_rows(Path(args.rows) if args.rows else ROWS_FILE)))
         return 0
     names = table_names() if args.tables == ["all"] else args.tables
-    status = 0
+    status, rendered = 0, []
     for name in names:
         path = Path(args.rows) if args.rows else rows_path(name, args.profile, args.results_dir)
         if args.tables == ["all"] and not path.exists():
@@ -927,6 +967,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(to_markdown(table))
         print("wrote " + ", ".join(str(p) for p in written))
+        rendered.append(table)
+    if args.tables == ["all"] and rendered and not status:
+        path = Path(args.out or args.results_dir) / "tables" / args.profile / "README.md"
+        path.write_text(index_markdown(rendered), encoding="utf-8")
+        print(f"wrote {path}")
     return status
 
 
