@@ -9,11 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from zoexp.paths import conf_dir
 from zoexp.results import read_rows
 from zoexp.sweep import (
     PROFILES,
     SweepError,
+    computation_key,
     done_jobs,
     expand,
     experiment_names,
@@ -162,6 +165,55 @@ def test_a_row_whose_job_key_hydra_read_as_a_number_still_counts_as_done(tmp_pat
     assert {job_id(k) in done for k in ("1805837676310908", "70571716289e0124", "9d82d430c18c0aa1")} == {True}
     assert job_id("0123456789abcdef") not in done and job_id("1805837676310909") not in done
     assert job_override("70571716289e0124") == "cell.job='70571716289e0124'"
+
+
+def test_the_computation_key_leaves_out_only_which_table_and_cell_a_job_belongs_to():
+    base = ["experiment=hzo_table2", "profile=cpu", "method=mezo", "task=sst2", "run.seed=0",
+            "cell.model_role=opt-13b", "cell.variant=null"]
+    other_table = ["experiment=hzo_table3", "profile=cpu", "method=mezo", "task=sst2", "run.seed=0",
+                   "cell.model_role=opt-30b", "cell.variant=r2", "cell.job='abc'"]
+    assert computation_key(base) == computation_key(other_table) and job_key(base) != job_key(other_table)
+    assert computation_key(base) != computation_key([*base[:-3], "run.seed=1", *base[-2:]])
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_an_experiment_file_sets_nothing_a_run_computes_outside_its_sweep(name):
+    # what lets computation_key drop `experiment=`: two tables' jobs with equal overrides compute the same
+    cfg = yaml.safe_load((conf_dir() / "experiment" / f"{name}.yaml").read_text())
+    assert set(cfg) <= {"defaults", "experiment_name", "profile", "run", "hydra", "sweep"}
+    assert set(cfg.get("run") or {}) <= {"results_file"} and set(cfg.get("hydra") or {}) <= {"sweep"}
+    assert set((cfg.get("hydra") or {}).get("sweep") or {}) <= {"dir"}
+
+
+def test_a_job_another_table_ran_is_copied_from_its_row_not_run_again(tmp_path, fixture_data_dir):
+    # one model stands for OPT-13B, 30B and 66B in the smoke (and cpu) profile: HZO Table 3's cells are Table 2's
+    zoexp(["-m", "experiment=hzo_table2", "profile=smoke", "method=zero-shot", "task=sst2"], tmp_path, fixture_data_dir)
+    args = ["-m", "experiment=hzo_table3", "profile=smoke", "method=zero-shot", "task=sst2"]
+    out = zoexp([*args, "hydra.sweeper.dry_run=true"], tmp_path, fixture_data_dir)
+    assert "2 job(s) compute what finished jobs of hzo_table2 computed: their rows would be copied" in out
+    assert "to launch: 0 job(s)" in out
+    assert not (tmp_path / "results" / "experiments" / "hzo_table3").exists()  # a dry run writes nothing
+    out = zoexp([*args, "hydra.sweeper.dry_run=true", "hydra.sweeper.share_runs=false"], tmp_path, fixture_data_dir)
+    assert "to launch: 2 job(s)" in out and "compute what finished jobs" not in out
+    out = zoexp(args, tmp_path, fixture_data_dir)
+    assert "their rows are copied" in out and "Launching" not in out
+    (source,) = read_rows(tmp_path / "results" / "experiments" / "hzo_table2" / "smoke.jsonl")
+    copies = read_rows(tmp_path / "results" / "experiments" / "hzo_table3" / "smoke.jsonl")
+    assert sorted(c["cell"]["model_role"] for c in copies) == ["opt-30b", "opt-66b"]
+    for copy in copies:
+        assert copy["experiment"] == "hzo_table3" and copy["cell"]["job"] != source["cell"]["job"]
+        assert copy["same_run"] == {"experiment": "hzo_table2", "job": source["cell"]["job"],
+                                    "run_dir": source["run_dir"]}
+        assert copy["test/acc"] == source["test/acc"] and copy["run"] == source["run"]
+    out = zoexp(args, tmp_path, fixture_data_dir)  # now they are this table's own done jobs
+    assert "2 job(s) already have an ok row" in out and "compute what finished jobs" not in out
+    from zoexp.report import build, compute_text, load_rows
+
+    table = build("hzo_table3", "smoke", load_rows("hzo_table3", "smoke", results_dir=tmp_path / "results"))
+    for row in ("30b-zero-shot", "66b-zero-shot"):
+        assert table.cells[(0, row, "sst2")].mean == pytest.approx(100 * source["test/acc"])
+    assert table.shared == {"hzo_table2": 2} and not table.compute_s
+    assert "2 rows are runs of hzo_table2 (2)" in compute_text(table)
 
 
 @pytest.mark.parametrize("name", experiment_names())

@@ -261,6 +261,7 @@ class Table:
     claims: list[ClaimResult] = field(default_factory=list)  # the paper's claims, checked (zoexp.claims)
     compute_s: dict[str, float] = field(default_factory=dict)  # task -> the rows' summed time/total_s
     rerun_s: float = 0.0  # of that, ok rows whose run a later ok row made again (cells count the later one)
+    shared: dict[str, int] = field(default_factory=dict)  # table -> rows that are its runs (same computation)
 
     def missing(self) -> list[Cell]:
         """Cells without a value that a complete run of the profile must fill."""
@@ -316,6 +317,10 @@ def build(name: str, profile: str, rows: list[dict], rows_file: str = "", check:
     table = Table(name, profile, layout, cells, rows_file, len(rows), "/".join(sorted(sources)), models)
     runs: dict[tuple, float] = {}
     for r in rows:
+        if r.get("same_run"):  # another table's run (zoexp.sweep.shared_row): its time is counted there
+            source = str(r["same_run"].get("experiment"))
+            table.shared[source] = table.shared.get(source, 0) + 1
+            continue
         table.compute_s[str(r.get("task"))] = table.compute_s.get(str(r.get("task")), 0.0) + (r.get("time/total_s") or 0.0)
         if r.get("status") == "ok":
             key = run_key(r)
@@ -761,13 +766,17 @@ def compute_text(table: Table) -> str:
     """What the table's runs cost, by their own timers (time/total_s summed: Hydra's start-up and model
     conversion between jobs are not counted), per task where there are several."""
     total = sum(table.compute_s.values())
+    shared = (f"; {sum(table.shared.values())} rows are runs of "
+              + ", ".join(f"{name} ({n})" for name, n in sorted(table.shared.items()))
+              + " that compute the same thing (the same model and configuration), copied, their time counted there"
+              if table.shared else "")
     if not total:
-        return ""
+        return shared
     per_task = (" (" + ", ".join(f"{task} {duration(s)}" for task, s in table.compute_s.items()) + ")"
                 if len(table.compute_s) > 1 else "")
     again = (f"; {duration(table.rerun_s)} of it is rows that a later row repeats (a cell counts each run once)"
              if table.rerun_s else "")
-    return f", whose runs took {duration(total)} in all{per_task}{again}"
+    return f", whose runs took {duration(total)} in all{per_task}{again}{shared}"
 
 
 def to_markdown(table: Table) -> str:
@@ -891,7 +900,9 @@ def index_markdown(tables: list[Table], target_s: float = 90 * 60) -> str:
         verdicts = [c.ours.verdict for c in t.claims]
         claims = " / ".join(str(verdicts.count(v)) for v in (PASS, FAIL, NOT_MEASURABLE)) if verdicts else "—"
         within = "—" if not total else ("✓" if total <= target_s else "✗")
-        out.append(f"| [{t.layout['title'].split(':')[0]}]({t.name}.md) | {t.n_rows} | "
+        rows = f"{t.n_rows}" + (f" ({sum(t.shared.values())} copied: same runs as in {', '.join(sorted(t.shared))})"
+                                if t.shared else "")
+        out.append(f"| [{t.layout['title'].split(':')[0]}]({t.name}.md) | {rows} | "
                    f"{sum(c.filled for c in needed)} of {len(needed)} | {duration(total) if total else '—'} | "
                    f"{within} | {claims} |")
     return "\n".join(out) + "\n"

@@ -29,7 +29,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,53 @@ def describe(plan: SweepJobs, name: str, profile: str) -> str:
                      "whose configs do not exist here: "
                      + ", ".join(f"{item} ({n})" for item, n in sorted(missing.items())))
     return "\n".join(lines)
+
+
+def computation_key(overrides: Iterable[str]) -> str:
+    """What a job computes: its ``job_key`` without the keys that only say which table and cell it belongs to
+    (``experiment``, ``profile``, ``cell.*``; conf/experiment/*.yaml set nothing else, tests/test_sweep.py
+    checks it). Jobs of two tables with one computation key make the same row: in the cpu profile one model
+    stands for several paper models, so HZO Table 3's cells are HZO Table 2's runs."""
+    return job_key(o for o in overrides if not _names_table(o))
+
+
+def _names_table(override: str) -> bool:
+    key = _bare(override.split("=", 1)[0])
+    return key in ("experiment", "experiment_name", "profile") or key.startswith("cell.")
+
+
+def finished_elsewhere(name: str, profile: str, results_dir: str | Path,
+                       job_lists: Callable[[SweepJobs, str], Iterable[list[str]]]) -> dict[str, tuple[str, dict]]:
+    """computation key -> (table, its ok row) for the finished jobs of the other tables' ``profile`` sweeps
+    whose rows are under ``results_dir``. ``job_lists(plan, table)`` gives the override lists a sweep of
+    ``table`` with this command line builds (their ``job_key`` is what its rows hold as ``cell.job``)."""
+    from zoexp.results import read_rows
+
+    out: dict[str, tuple[str, dict]] = {}
+    for other in experiment_names():
+        path = Path(results_dir) / "experiments" / other / f"{profile}.jsonl"
+        if other == name or not path.is_file():
+            continue
+        try:
+            plan = expand(load_sweep(other), profile, check_available=False)
+        except SweepError:  # no such profile there
+            continue
+        rows = {job_id((r.get("cell") or {}).get("job")): r for r in read_rows(path)
+                if r.get("status") == "ok" and r.get("experiment") == other}  # file order: the latest wins
+        for overrides in job_lists(plan, other):
+            row = rows.get(job_id(job_key(overrides)))
+            if row is not None:
+                out.setdefault(computation_key(overrides), (other, row))
+    return out
+
+
+def shared_row(row: dict, source: str, name: str, cell: dict) -> dict:
+    """``row`` of table ``source`` as the row of a job of table ``name`` that computes the same thing
+    (``cell``: that job's model role, variant and key). ``same_run`` names the run it is, so that the
+    report counts its time once, where it ran."""
+    return {**row, "experiment": name, "cell": cell,
+            "same_run": row.get("same_run") or {"experiment": source, "job": (row.get("cell") or {}).get("job"),
+                                                "run_dir": row.get("run_dir")}}
 
 
 def job_id(value: Any) -> Any:

@@ -9,6 +9,9 @@ Command-line overrides apply to every job: ``method=``, ``task=`` and ``model=``
 comma list) keep only the matching cells; any other ``key=value`` replaces the table's value and a
 ``key=a,b`` multiplies the jobs. Jobs that already have an ``ok`` row in the results file are skipped
 (``hydra.sweeper.skip_done=false`` re-runs them), so an interrupted table resumes where it stopped.
+A job that computes what a finished job of another table's sweep computed (``zoexp.sweep.computation_key``:
+in the cpu profile one model stands for several paper models) is not run again: that row is copied into
+this table's results file with ``same_run`` naming the run (``hydra.sweeper.share_runs=false`` runs it).
 ``hydra.sweeper.dry_run=true`` lists the jobs and runs nothing; ``hydra.sweeper.strict=true`` fails
 when a cell's method/task/model config is missing (default: skip those cells and say so).
 """
@@ -43,6 +46,7 @@ class TableSweeperConf:
     skip_done: bool = True  # skip jobs that already have an ok row in run.results_file
     strict: bool = False  # fail (instead of skipping) when a cell's method/task/model config is missing
     validate: bool = True  # compose every job's config before launching any (fail fast on a bad override)
+    share_runs: bool = True  # copy the row of another table's finished job that computes the same thing
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="zoexp_table", node=TableSweeperConf, provider="zoexp")
@@ -50,11 +54,11 @@ ConfigStore.instance().store(group="hydra/sweeper", name="zoexp_table", node=Tab
 
 class TableSweeper(Sweeper):
     def __init__(self, max_batch_size=None, dry_run: bool = False, skip_done: bool = True, strict: bool = False,
-                 validate: bool = True):
+                 validate: bool = True, share_runs: bool = True):
         super().__init__()
         self.max_batch_size = max_batch_size
         self.dry_run, self.skip_done, self.strict = bool(dry_run), bool(skip_done), bool(strict)
-        self.validate = bool(validate)
+        self.validate, self.share_runs = bool(validate), bool(share_runs)
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
@@ -67,8 +71,21 @@ class TableSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def job_overrides(self, arguments: list[str]):
-        """The override list of every job to launch, and a printable plan."""
-        from zoexp.sweep import SweepError, _bare, describe, done_jobs, expand, job_id, job_key, job_override
+        """The override list of every job to launch, the rows of other tables' runs to copy instead of
+        running (``zoexp.sweep.shared_row``), and a printable plan."""
+        from zoexp.sweep import (
+            SweepError,
+            _bare,
+            computation_key,
+            describe,
+            done_jobs,
+            expand,
+            finished_elsewhere,
+            job_id,
+            job_key,
+            job_override,
+            shared_row,
+        )
 
         cfg = self.config
         if cfg.get("sweep") is None:
@@ -101,37 +118,60 @@ class TableSweeper(Sweeper):
             attr = getattr(job, FILTER_KEYS[key])
             return "null" if attr is None else str(attr)
 
+        def job_lists(plan, table):  # (job, overrides) of a plan, as a sweep of `table` with this command line
+            fixed_here = [o.split("=", 1)[0] + f"={table}" if _bare(o.split("=", 1)[0]) == "experiment" else o
+                          for o in fixed]
+            for job in plan.jobs:
+                own = [v for k, v in job.overrides().items() if k not in user_keys]
+                for combo in itertools.product(*swept.values()):
+                    yield job, [*fixed_here, *own, *combo]
+
         jobs = [j for j in plan.jobs if all(value(j, k) in v for k, v in filters.items())]
         done = done_jobs(cfg.run.results_file) if self.skip_done else set()
-        out, n_done, seen = [], 0, set()
-        for job in jobs:
-            own = [v for k, v in job.overrides().items() if k not in user_keys]
-            for combo in itertools.product(*swept.values()):
-                overrides = [*fixed, *own, *combo]
-                key = job_key(overrides)
-                if key in seen:  # a command-line value replaced what told two jobs apart
-                    continue
-                seen.add(key)
-                if job_id(key) in done:
-                    n_done += 1
-                    continue
-                out.append([*overrides, job_override(key)])
+        elsewhere = {}
+        if self.skip_done and self.share_runs:
+            elsewhere = finished_elsewhere(name, str(profile), str(cfg.results_dir),
+                                           lambda p, table: (o for _, o in job_lists(p, table)))
+        out, shared, n_done, seen = [], [], 0, set()
+        for job, overrides in job_lists(type(plan)(jobs, plan.skipped), name):
+            key = job_key(overrides)
+            if key in seen:  # a command-line value replaced what told two jobs apart
+                continue
+            seen.add(key)
+            if job_id(key) in done:
+                n_done += 1
+                continue
+            source = elsewhere.get(computation_key(overrides))
+            if source is not None:
+                cell = {"model_role": job.role, "variant": job.variant, "job": key}
+                shared.append(shared_row(source[1], source[0], name, cell))
+                continue
+            out.append([*overrides, job_override(key)])
         text = describe(plan, name, profile)
         if filters:
             text += f"\n  command-line filter {filters}: {len(jobs)} of {len(plan.jobs)} jobs kept"
         if n_done:
             text += f"\n  {n_done} job(s) already have an ok row in {cfg.run.results_file} (skipped)"
+        if shared:
+            tables = sorted({r["same_run"]["experiment"] for r in shared})
+            text += (f"\n  {len(shared)} job(s) compute what finished jobs of {', '.join(tables)} computed: "
+                     + ("their rows would be copied" if self.dry_run else "their rows are copied")
+                     + " instead of running them again (hydra.sweeper.share_runs=false runs them)")
         text += f"\n  to launch: {len(out)} job(s); rows -> {cfg.run.results_file}"
-        return out, text
+        return out, shared, text
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
-        jobs, text = self.job_overrides(arguments)
+        from zoexp.results import append_row
+
+        jobs, shared, text = self.job_overrides(arguments)
         log.info(text)
         if self.dry_run:
             for i, overrides in enumerate(jobs):
                 print(f"#{i}: {' '.join(overrides)}")
             return []
+        for row in shared:
+            append_row(str(self.config.run.results_file), row)
         if not jobs:
             return []
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
