@@ -213,7 +213,7 @@ def test_a_job_another_table_ran_is_copied_from_its_row_not_run_again(tmp_path, 
     for row in ("30b-zero-shot", "66b-zero-shot"):
         assert table.cells[(0, row, "sst2")].mean == pytest.approx(100 * source["test/acc"])
     assert table.shared == {"hzo_table2": 2} and not table.compute_s
-    assert "2 rows are runs of hzo_table2 (2)" in compute_text(table)
+    assert "2 of its rows are copies of runs of hzo_table2 (2)" in compute_text(table)
 
 
 @pytest.mark.parametrize("name", experiment_names())

@@ -766,9 +766,10 @@ def compute_text(table: Table) -> str:
     """What the table's runs cost, by their own timers (time/total_s summed: Hydra's start-up and model
     conversion between jobs are not counted), per task where there are several."""
     total = sum(table.compute_s.values())
-    shared = (f"; {sum(table.shared.values())} rows are runs of "
+    n_shared = sum(table.shared.values())
+    shared = (f"; {n_shared} of its rows {'is a copy' if n_shared == 1 else 'are copies'} of runs of "
               + ", ".join(f"{name} ({n})" for name, n in sorted(table.shared.items()))
-              + " that compute the same thing (the same model and configuration), copied, their time counted there"
+              + " that compute the same thing (same model and configuration), their time counted there"
               if table.shared else "")
     if not total:
         return shared
