@@ -79,3 +79,23 @@ def test_runs_says_what_is_wrong_in_one_line(rows_file, tmp_path, capsys):
 def test_table_rendering_is_untouched_by_the_runs_subcommand(capsys):
     assert report_main(["no_such_table", "--profile", "smoke", "--no-figures"]) == 2
     assert "no table 'no_such_table'" in capsys.readouterr().err
+
+
+def test_a_copied_row_counts_once_where_its_run_is_among_the_rows(tmp_path, capsys):
+    # HZO Table 3's cells are copies of HZO Table 2's runs (zoexp.sweep.shared_row): read together, one run
+    # must not look like two seeds with std 0
+    row = {"status": "ok", "method": "mezo", "task": "sst2", "model": "smollm2-135m", "seed": 0,
+           "hparams": {"lr": 1e-6}, "run": {"steps": 100, "seed": 0}, "test/acc": 0.8}
+    original = {**row, "experiment": "hzo_table2", "cell": {"model_role": "opt-13b", "job": "a1"}}
+    copy = {**row, "experiment": "hzo_table3", "cell": {"model_role": "opt-30b", "job": "b2"},
+            "same_run": {"experiment": "hzo_table2", "job": "a1", "run_dir": None}}
+    append_row(tmp_path / "t2.jsonl", original)
+    append_row(tmp_path / "t3.jsonl", copy)
+    append_row(tmp_path / "t2.jsonl", {**original, "seed": 1, "run": {"steps": 100, "seed": 1}, "test/acc": 0.7,
+                                       "cell": {"model_role": "opt-13b", "job": "a3"}})
+    assert report_main(["runs", str(tmp_path / "t2.jsonl"), str(tmp_path / "t3.jsonl")]) == 0
+    printed = capsys.readouterr()
+    assert "| 2 | 0,1 | 0.75 ± 0.07071 |" in printed.out
+    assert "1 copies of runs that are among the rows" in printed.err
+    assert report_main(["runs", str(tmp_path / "t3.jsonl")]) == 0  # alone, the copy stands for its run
+    assert "| 1 | 0 | 0.8 |" in capsys.readouterr().out

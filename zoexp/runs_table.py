@@ -84,6 +84,19 @@ def summarize(frame, group_by: list[str] | None = None, metrics: list[str] | Non
     return pd.DataFrame(lines), keys, metrics
 
 
+def drop_copies(frame):
+    """Without the rows copied from another table's run (``same_run``, zoexp.sweep.shared_row) whose original
+    row is among ``frame``: the two would count one run as two seeds. Returns (frame, rows dropped)."""
+    from zoexp.sweep import job_id
+
+    if "same_run.experiment" not in frame.columns or "cell.job" not in frame.columns:
+        return frame, 0
+    originals = set(zip(frame["experiment"], frame["cell.job"].map(job_id)))
+    copy = [isinstance(e, str) and (e, job_id(j)) in originals
+            for e, j in zip(frame["same_run.experiment"], frame["same_run.job"])]
+    return frame[[not c for c in copy]], sum(copy)
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -145,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         frame = frame[frame["status"] == args.status]
         if len(others):
             left_out = "; left out: " + ", ".join(f"{n} {s}" for s, n in others.items())
+    frame, n_copies = drop_copies(frame)
+    if n_copies:
+        left_out += f"; {n_copies} copies of runs that are among the rows (a run counts once, where it ran)"
     if frame.empty:
         print(f"zoexp-report runs: none of the {total} rows is left to show{left_out}", file=sys.stderr)
         return 2
