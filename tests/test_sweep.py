@@ -216,6 +216,19 @@ def test_a_job_another_table_ran_is_copied_from_its_row_not_run_again(tmp_path, 
     assert "2 of its rows are copies of runs of hzo_table2 (2)" in compute_text(table)
 
 
+def test_a_row_of_older_method_code_is_not_copied_its_job_runs_again(tmp_path, fixture_data_dir):
+    zoexp(["-m", "experiment=hzo_table2", "profile=smoke", "method=mezo", "task=sst2"], tmp_path, fixture_data_dir)
+    source = tmp_path / "results" / "experiments" / "hzo_table2" / "smoke.jsonl"
+    rows = read_rows(source)
+    args = ["-m", "experiment=hzo_table3", "profile=smoke", "method=mezo", "task=sst2", "hydra.sweeper.dry_run=true"]
+    out = zoexp(args, tmp_path, fixture_data_dir)
+    n = 2 * len(rows)  # OPT-30B and OPT-66B, each job of Table 2's grid
+    assert f"{n} job(s) compute what finished jobs of hzo_table2 computed" in out and "to launch: 0 job(s)" in out
+    source.write_text("".join(json.dumps({**r, "code_version": "0123456789ab"}) + "\n" for r in rows))
+    out = zoexp(args, tmp_path, fixture_data_dir)
+    assert "compute what finished jobs" not in out and f"to launch: {n} job(s)" in out
+
+
 @pytest.mark.parametrize("name", experiment_names())
 def test_every_experiment_composes_with_the_table_sweeper(name):
     from hydra import compose, initialize_config_dir

@@ -287,6 +287,7 @@ def check_manifest(files: dict[str, str], data_dir) -> str | None:
     return "ok"
 
 
+@functools.cache
 def conf_code_versions() -> dict[str, str]:
     """{method config name: code version} for every config in ``conf/method`` that names a class."""
     from omegaconf import OmegaConf

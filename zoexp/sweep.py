@@ -297,12 +297,24 @@ def finished_elsewhere(name: str, profile: str, results_dir: str | Path,
         except SweepError:  # no such profile there
             continue
         rows = {job_id((r.get("cell") or {}).get("job")): r for r in read_rows(path)
-                if r.get("status") == "ok" and r.get("experiment") == other}  # file order: the latest wins
+                if r.get("status") == "ok" and r.get("experiment") == other and made_by_current_code(r)}
         for overrides in job_lists(plan, other):
             row = rows.get(job_id(job_key(overrides)))
             if row is not None:
                 out.setdefault(computation_key(overrides), (other, row))
     return out
+
+
+def made_by_current_code(row: dict) -> bool:
+    """Whether the row's method code is this install's (``code_version``, equivalents included; zoexp.provenance).
+    A row of older code is not copied into another table: its job runs again with the current code."""
+    from zoexp.provenance import canonical_code_version, conf_code_versions
+
+    version, method = row.get("code_version"), row.get("method")
+    if version is None:  # zero-shot, ICL: no optimizer code
+        return True
+    current = conf_code_versions().get(str(method))
+    return current is not None and canonical_code_version(method, version) == canonical_code_version(method, current)
 
 
 def shared_row(row: dict, source: str, name: str, cell: dict) -> dict:
