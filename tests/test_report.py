@@ -256,6 +256,13 @@ def test_wall_clocks_measured_under_different_conditions_are_flagged(toy):
     old = build("toy", "smoke", [row("mezo", **{"time/train_s": 9.0}), timed("hizoo", 2, 195.0)])
     assert "threads not recorded: ZO MeZO/Time" in report.timing_note(old)
 
+    # rows copied from two other tables' sweeps (zoexp.sweep.shared_row) were timed in two sessions
+    copies = build("toy", "smoke", [row("mezo", **{"time/train_s": 9.0, "same_run": {"experiment": "t2"}}),
+                                    row("hizoo", **{"time/train_s": 9.0, "same_run": {"experiment": "t3"}})])
+    note = report.timing_note(copies)
+    assert "threads not recorded, timed in t2's sweep: ZO MeZO/Time" in note
+    assert "threads not recorded, timed in t3's sweep: ZO HiZOO/Time" in note
+
 
 def test_the_header_says_what_the_tables_runs_cost_per_task(toy):
     rows = [row("mezo", "sst2", **{"time/total_s": 1800.0}), row("hizoo", "sst2", **{"time/total_s": 1200.0}),

@@ -717,8 +717,10 @@ def timing_note(table: Table) -> str | None:
              if cell.quantity in TIME_QUANTITIES and cell.selection and cell.selection.rows]
     several_devices = len({str(row.get("device")) for _, rows in timed for row in rows}) > 1
 
-    def label(row: dict) -> str:
-        return (f"{row.get('device')}, " if several_devices else "") + timing_conditions(row)
+    def label(row: dict) -> str:  # a copied row (zoexp.sweep.shared_row) was timed in another table's sweep
+        source = (row.get("same_run") or {}).get("experiment")
+        return ((f"{row.get('device')}, " if several_devices else "") + timing_conditions(row)
+                + (f", timed in {source}'s sweep" if source else ""))
 
     groups: dict[str, list[str]] = {}
     shares: dict[str, list[float]] = {}
