@@ -893,7 +893,8 @@ def index_markdown(tables: list[Table], target_s: float = 90 * 60) -> str:
            f"Written by `zoexp-report all --profile {profile}` on {time.strftime('%Y-%m-%d %H:%M')}, from the rows "
            "alone. *cells*: cells with a value, of those a complete run of the profile fills (cells without "
            "offline data or not in this profile are not counted). *runs' time*: the rows' own timers summed "
-           f"(`time/total_s`), re-runs included; the issue's target is ≤ {duration(target_s)} a table on 2 cores. "
+           "(`time/total_s`), re-runs included, copied rows not (their time counts in the table that ran them); "
+           f"the issue's target is ≤ {duration(target_s)} a table on 2 cores. "
            "*claims*: the paper's claims about the table, checked on our cells (✓ holds, ✗ does not, n.m. not "
            "measurable here).", "",
            "| table | rows | cells | runs' time | ≤ target | claims ✓ / ✗ / n.m. |", "|---|---|---|---|---|---|"]
