@@ -67,10 +67,9 @@ from zoexp.claims import (
     check_claims,
     render_markdown,
 )
-from zoexp.paths import tasks_dir
 from zoexp.provenance import canonical_code_version
 from zoexp.results import LOSS_ROSE, loss_rise, read_rows
-from zoexp.sweep import has_local_data, job_id
+from zoexp.sweep import available, job_id, missing_data
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +262,13 @@ class Table:
     rerun_s: float = 0.0  # of that, ok rows whose run a later ok row made again (cells count the later one)
     shared: dict[str, int] = field(default_factory=dict)  # table -> rows that are its runs (same computation)
 
+    def owed(self) -> list[Cell]:
+        """Cells a complete run of the profile here fills (with a value or not yet)."""
+        return [c for c in self.cells.values() if c.reason is None and (c.filled or not c.expected)]
+
     def missing(self) -> list[Cell]:
         """Cells without a value that a complete run of the profile must fill."""
-        return [c for c in self.cells.values() if not c.filled and c.reason is None and not c.expected]
+        return [c for c in self.owed() if not c.filled]
 
 
 def _failure_text(rows: list[dict]) -> str:
@@ -417,10 +420,9 @@ def _fill(cell: Cell, select: dict, rows: list[dict], models: dict, profile: str
             cell.text = _failure_text(chosen.failed)
         elif chosen.n_configs > 1:
             cell.missing = f"no dev metric to choose among {chosen.n_configs} configurations"
-        elif (select.get("task") and (tasks_dir() / f"{select['task']}.yaml").is_file()
-              and not has_local_data(select["task"], os.environ.get("ZOEXP_DATA_DIR"))):
-            # the sweep skips such a cell with the same words; a complete run here cannot fill it
-            cell.missing, cell.expected = f"no data for task {select['task']} in {os.environ['ZOEXP_DATA_DIR']}", True
+        elif select.get("task") and available("task", select["task"]) and (
+                reason := missing_data(select["task"], os.environ.get("ZOEXP_DATA_DIR"))):
+            cell.missing, cell.expected = reason, True  # the sweep skips it too: a complete run here cannot fill it
         else:
             cell.missing = "no run"
         return
@@ -899,7 +901,7 @@ def index_markdown(tables: list[Table], target_s: float = 90 * 60) -> str:
            "measurable here).", "",
            "| table | rows | cells | runs' time | ≤ target | claims ✓ / ✗ / n.m. |", "|---|---|---|---|---|---|"]
     for t in tables:
-        needed = [c for c in t.cells.values() if c.reason is None and (c.filled or not c.expected)]
+        owed = t.owed()
         total = sum(t.compute_s.values())
         verdicts = [c.ours.verdict for c in t.claims]
         claims = " / ".join(str(verdicts.count(v)) for v in (PASS, FAIL, NOT_MEASURABLE)) if verdicts else "—"
@@ -907,7 +909,7 @@ def index_markdown(tables: list[Table], target_s: float = 90 * 60) -> str:
         rows = f"{t.n_rows}" + (f" ({sum(t.shared.values())} copied: same runs as in {', '.join(sorted(t.shared))})"
                                 if t.shared else "")
         out.append(f"| [{t.layout['title'].split(':')[0]}]({t.name}.md) | {rows} | "
-                   f"{sum(c.filled for c in needed)} of {len(needed)} | {duration(total) if total else '—'} | "
+                   f"{sum(c.filled for c in owed)} of {len(owed)} | {duration(total) if total else '—'} | "
                    f"{within} | {claims} |")
     return "\n".join(out) + "\n"
 

@@ -158,6 +158,12 @@ def has_local_data(task: str, data_dir) -> bool:
     return (Path(str(data_dir)) / local).is_dir()
 
 
+def missing_data(task: str, data_dir) -> str | None:
+    """Why a cell of ``task`` cannot run here for want of data (the sweep skips it, the report does not owe
+    it), or None."""
+    return None if has_local_data(task, data_dir) else f"no data for task {task} in {data_dir}"
+
+
 def _listify(values) -> list:
     if values is None:
         return [None]
@@ -234,8 +240,9 @@ def expand(spec: Any, profile: str, check_available: bool = True, data_dir=None)
             if missing:
                 skip("no config here for " + ", ".join(missing))
                 continue
-            if not has_local_data(task, data_dir):
-                skip(f"no data for task {task} in {data_dir}")
+            reason = missing_data(task, data_dir)
+            if reason:
+                skip(reason)
                 continue
         settings = settings_for(prof, method, task, variant, role)
         axes = {k: v for k, v in settings.items() if isinstance(v, list | tuple)}
